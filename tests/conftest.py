@@ -1,0 +1,23 @@
+"""Shared test settings.
+
+Hypothesis profiles: "fast" (default, a few dozen examples per property) and
+"thorough" (many examples), chosen with `JAX_POSENC_HYPOTHESIS_PROFILE=thorough`.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "fast",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("JAX_POSENC_HYPOTHESIS_PROFILE", "fast"))
