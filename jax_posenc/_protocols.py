@@ -1,0 +1,34 @@
+"""The callables through which positional terms enter attention.
+
+Every additive positional term is a function of positions, so attention can evaluate
+it one block at a time and never hold a `q_len x k_len` table it did not ask for.
+
+* `BiasFn`: `bias_fn(q_positions, k_positions) -> [B or 1, H, bq, bk]` float32 logit
+  bias, with `q_positions` `[B or 1, bq]` and `k_positions` `[B or 1, bk]` integers.
+* `RelativeTerms`: terms that also read the content of the block in hand.
+  `query_bias_fn(q, q_positions, k_positions) -> [B, H, bq, bk]` is added to the logits,
+  where `q` `[B, bq, H, D]` is the query already multiplied by the softmax scale
+  (Shaw et al. key term, Transformer-XL position term). `value_fn(weights, q_positions,
+  k_positions) -> [B, bq, H, Dv]` is added to the attention output; `weights`
+  `[B, H, bq, bk]` are the (possibly unnormalised) softmax weights and `value_fn` must be
+  linear in them, so the blockwise online softmax can rescale its partial sums
+  (Shaw et al. value term).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
+QueryBiasFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+ValueFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class RelativeTerms(NamedTuple):
+    """Content-dependent relative terms; either field may be None."""
+
+    query_bias_fn: QueryBiasFn | None = None
+    value_fn: ValueFn | None = None
