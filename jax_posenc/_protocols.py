@@ -12,7 +12,10 @@ it one block at a time and never hold a `q_len x k_len` table it did not ask for
   k_positions) -> [B, bq, H, Dv]` is added to the attention output; `weights`
   `[B, H, bq, bk]` are the (possibly unnormalised) softmax weights and `value_fn` must be
   linear in them, so the blockwise online softmax can rescale its partial sums
-  (Shaw et al. value term).
+  (Shaw et al. value term). `content_bias` `[H, D]` is a vector added to every query
+  for the content logit `q . k` only (Transformer-XL's global content bias u, which
+  makes the term u . k_j); it is not scaled by the softmax scale beforehand, exactly
+  like q.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ ValueFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class RelativeTerms(NamedTuple):
-    """Content-dependent relative terms; either field may be None."""
+    """Content-dependent relative terms; any field may be None."""
 
     query_bias_fn: QueryBiasFn | None = None
     value_fn: ValueFn | None = None
+    content_bias: jax.Array | None = None
