@@ -109,3 +109,26 @@ def check_rank(name: str, value: jax.Array, ranks: int | Sequence[int]) -> None:
 def is_concrete(value: object) -> bool:
     """True when `value` holds known numbers (not a tracer inside jit/vmap/grad)."""
     return not isinstance(value, jax.core.Tracer)
+
+
+def check_position_pair(
+    q_positions: jax.Array, k_positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Query and key positions as integer arrays `[B or 1, S]` with compatible batch sizes.
+
+    Positions given as `[S]` are read as `[1, S]`. The two batch sizes must be equal, or
+    one of them 1 (it broadcasts).
+    """
+    pair = []
+    for name, value in (("q_positions", q_positions), ("k_positions", k_positions)):
+        value = check_integer_array(name, value)
+        check_rank(name, value, (1, 2))
+        pair.append(value[None] if value.ndim == 1 else value)
+    q_positions, k_positions = pair
+    q_batch, k_batch = q_positions.shape[0], k_positions.shape[0]
+    if q_batch != k_batch and 1 not in (q_batch, k_batch):
+        raise ValueError(
+            "q_positions and k_positions must have the same batch size (or batch size 1), "
+            f"got shapes {tuple(q_positions.shape)} and {tuple(k_positions.shape)}"
+        )
+    return q_positions, k_positions

@@ -93,10 +93,11 @@ def learned_embedding_lookup(table: jax.Array, positions: jax.Array, *, mode: st
     positions = _checks.check_integer_array("positions", positions)
     num_positions = table.shape[0]
     if _checks.is_concrete(positions):
-        if positions.size and (positions.min() < 0 or positions.max() >= num_positions):
+        values = np.asarray(positions)
+        if values.size and (values.min() < 0 or values.max() >= num_positions):
             raise ValueError(
                 f"positions must lie in [0, num_positions={num_positions}), got values in "
-                f"[{int(positions.min())}, {int(positions.max())}]; enlarge num_positions or "
+                f"[{int(values.min())}, {int(values.max())}]; enlarge num_positions or "
                 "use mode='clip' on purpose"
             )
     elif mode == "error":

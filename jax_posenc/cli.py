@@ -7,28 +7,31 @@ import sys
 from collections.abc import Sequence
 
 
-def _not_yet(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"jax-posenc {name}: arrives with {issue}; nothing to run yet.")
-        return 0
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-posenc",
         description="Positional encodings for JAX/Flax transformers: studies, plots, benchmarks.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    study = commands.add_parser(
+    from jax_posenc import plots, study
+
+    study_parser = commands.add_parser(
         "study", help="train one small model per encoding and measure length extrapolation"
     )
-    study.set_defaults(run=_not_yet("study", "the model/study issue"))
-    plot = commands.add_parser("plot", help="write a gallery of PNGs that explain the encodings")
-    plot.set_defaults(run=_not_yet("plot", "the model/study issue"))
-    bench = commands.add_parser("bench", help="run the benchmark suite")
-    bench.set_defaults(run=_not_yet("bench", "the benchmark issue"))
+    study.add_arguments(study_parser)
+    study_parser.set_defaults(run=study.run_from_args)
+    plot_parser = commands.add_parser(
+        "plot", help="write a gallery of PNGs that explain the encodings"
+    )
+    plots.add_arguments(plot_parser)
+    plot_parser.set_defaults(run=plots.run_from_args)
+    from jax_posenc import benchmarking
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmark suite of benchmarks/ (JSON, markdown and a plot)"
+    )
+    benchmarking.add_arguments(bench)
+    bench.set_defaults(run=benchmarking.run_from_args)
     return parser
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jax_posenc import _checks, absolute
+from jax_posenc import _checks, absolute, bias, relative, rope, rope_scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,5 +162,164 @@ register(
         name="learned",
         description="Learned absolute position table added to the input embedding.",
         input_embedding=_learned,
+    )
+)
+
+
+# ---- relative positions and attention biases (issue 5)
+# Bias encodings return linen modules whose `bias_fn()` the model calls; Shaw and
+# Transformer-XL return modules whose `terms()` the model calls.
+
+
+def _alibi(spec: EncodingSpec) -> nn.Module:
+    options = spec.take_options("alibi", {"slopes": None})
+    slopes = None if options["slopes"] is None else tuple(options["slopes"])
+    return bias.AlibiBias(spec.num_heads, slopes=slopes, bidirectional=not spec.causal)
+
+
+def _t5(spec: EncodingSpec) -> nn.Module:
+    options = spec.take_options("t5", {"num_buckets": 32, "max_distance": 128})
+    return bias.T5RelativePositionBias(spec.num_heads, bidirectional=not spec.causal, **options)
+
+
+def _kerple(spec: EncodingSpec) -> nn.Module:
+    options = spec.take_options("kerple", {"variant": "log"})
+    return bias.KerpleBias(spec.num_heads, **options)
+
+
+def _fire(spec: EncodingSpec) -> nn.Module:
+    defaults = {
+        "hidden_features": 32,
+        "num_hidden_layers": 1,
+        "init_c": 0.1,
+        "init_threshold": 512.0,
+    }
+    return bias.FireBias(spec.num_heads, **spec.take_options("fire", defaults))
+
+
+def _dpb(spec: EncodingSpec) -> nn.Module:
+    defaults = {
+        "hidden_features": 64,
+        "num_hidden_layers": 2,
+        "log_distance": True,
+        "absolute": False,
+    }
+    return bias.DynamicPositionBias(spec.num_heads, **spec.take_options("dpb", defaults))
+
+
+def _shaw(spec: EncodingSpec) -> nn.Module:
+    options = spec.take_options("shaw", {"max_relative_position": 16, "use_value_term": True})
+    return relative.RelativePositionEmbedding(spec.head_dim, **options)
+
+
+def _transformer_xl(spec: EncodingSpec) -> nn.Module:
+    options = spec.take_options("transformer_xl", {"features": None, "base": 10000.0})
+    return relative.TransformerXLRelativePosition(spec.num_heads, spec.head_dim, **options)
+
+
+register(
+    Encoding(
+        name="alibi",
+        description="ALiBi linear distance bias, per-head geometric slopes (Press et al., 2022).",
+        logit_bias=_alibi,
+    )
+)
+register(
+    Encoding(
+        name="t5",
+        description="T5 learned bias per log-spaced distance bucket (Raffel et al., 2020).",
+        logit_bias=_t5,
+    )
+)
+register(
+    Encoding(
+        name="kerple",
+        description="KERPLE log or power kernel bias (Chi et al., 2022); option 'variant'.",
+        logit_bias=_kerple,
+    )
+)
+register(
+    Encoding(
+        name="fire",
+        description="FIRE: MLP over progressively interpolated log distance (Li et al., 2023).",
+        logit_bias=_fire,
+    )
+)
+register(
+    Encoding(
+        name="dpb",
+        description="Dynamic position bias: an MLP over the relative distance (CrossFormer).",
+        logit_bias=_dpb,
+    )
+)
+register(
+    Encoding(
+        name="shaw",
+        description="Clipped relative key/value embeddings (Shaw et al., 2018).",
+        relative_terms=_shaw,
+    )
+)
+register(
+    Encoding(
+        name="transformer_xl",
+        description="Transformer-XL sinusoidal relative logits, biases u, v (Dai et al., 2019).",
+        relative_terms=_transformer_xl,
+    )
+)
+
+
+# ---- rotary (RoPE, xPos)
+
+_ROPE_DEFAULTS = {
+    "base": 10000.0,
+    "rotary_dim": None,
+    "layout": "half",
+    "scaling": None,
+    "learnable_frequencies": False,
+    "seq_len": None,
+    "angle_precision": "exact",
+}
+
+
+def _rope(spec: EncodingSpec) -> nn.Module:
+    options = spec.take_options("rope", _ROPE_DEFAULTS)
+    if isinstance(options["scaling"], Mapping):
+        options["scaling"] = rope_scaling.from_hf_rope_parameters(options["scaling"])
+    return rope.RotaryEmbedding(**options)
+
+
+def _xpos(spec: EncodingSpec) -> nn.Module:
+    if not spec.causal:
+        raise ValueError(
+            "encoding 'xpos' is causal-only (its key scale grows without bound for keys after "
+            "the query); got an EncodingSpec with causal=False"
+        )
+    options = spec.take_options(
+        "xpos",
+        {
+            "scale_base": 512.0,
+            "base": 10000.0,
+            "rotary_dim": None,
+            "layout": "half",
+            "reference_position": None,
+            "angle_precision": "exact",
+        },
+    )
+    return rope.XPosEmbedding(**options)
+
+
+register(
+    Encoding(
+        name="rope",
+        description="Rotary position embedding of q and k (Su et al., 2021), with scalings.",
+        qk_transform=_rope,
+    )
+)
+register(
+    Encoding(
+        name="xpos",
+        description="xPos: rotary embedding with exponential distance decay (Sun et al., 2022).",
+        qk_transform=_xpos,
+        causal_only=True,
     )
 )

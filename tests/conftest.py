@@ -6,6 +6,10 @@ Hypothesis profiles: "fast" (default, a few dozen examples per property) and
 
 import os
 
+# The suite is dominated by XLA compile time on small shapes; the backend's optimisation
+# passes do not change results, only speed, so skip them for tests.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -1,0 +1,872 @@
+"""Benchmark runner: times jitted functions next to same-run baselines.
+
+A `Case` is a pure function of arrays plus the inputs to call it with. The runner jits
+it, reports trace + compile time separately from run time, reads the compiled memory
+(`Compiled.memory_analysis()`), and times it with `block_until_ready` after warm-up:
+each sample loops a fast function until the sample lasts `min_sample_s`, and the
+median and quartiles over the repeats are reported.
+
+Absolute times on a shared machine are noisy, so every case may name references
+(a jitted copy of the same tensor for elementwise encodings, `xla` attention for the
+blockwise one, the hand-written tutorial form). The runner times a case and its
+references in alternation, sample by sample, and reports the median of the paired time
+ratios `case / reference` (lower is better): slow drifts of the machine cancel out.
+
+Memory-bound cases also report the achieved bandwidth, the bytes of their inputs and
+outputs divided by the time (the least traffic any implementation needs), and on a GPU
+whose peak is known, the fraction of that peak. Cases that share a `series` form a
+curve over `size` (e.g. attention over sequence length L); the runner fits a power law
+`value ~ size^exponent` to their compiled memory and run time.
+
+The suite itself (which cases, the hand-written baselines) lives in the repository's
+`benchmarks/` folder; `jax-posenc bench` and `python benchmarks/run.py` both land in
+`run_from_args` here. Outputs go to `--out` (default `bench_out/`): `bench-<mode>.json`,
+`bench-<mode>.md` and `bench-<mode>.png`; `--section` turns the latest results file into
+the README's "Performance" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jax_posenc import _checks
+
+SCHEMA_VERSION = 1
+MODES = ("quick", "full")
+
+# Peak memory bandwidth (bytes/s) from the vendors' data sheets, matched against
+# `device.device_kind` (the most specific key first). Others: pass `--peak-bandwidth`.
+PEAK_BANDWIDTH = {
+    "H100 80GB HBM3": 3.35e12,
+    "H100 PCIe": 2.0e12,
+    "H100 NVL": 3.9e12,
+    "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100-SXM4-40GB": 1.555e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100-PCIE-40GB": 1.555e12,
+    "L40S": 0.864e12,
+    "L4": 0.3e12,
+    "A10G": 0.6e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One function to time.
+
+    Attributes:
+      name: unique name, "/"-separated, e.g. "rope/half/float32/4x2048x16x128".
+      group: the table the case appears in ("rope", "attention", ...).
+      fn: pure function of the arrays `make_args()` returns; the runner jits it.
+      make_args: builds the inputs (called once, right before compiling).
+      references: (label, Case) pairs timed in alternation with this case; the report
+        gives the paired time ratio `case / reference` for each label.
+      memory_bound: report achieved bandwidth (input + output bytes per second).
+      items: work items per call (tokens for a train step), reported as items/s.
+      item_unit: name of the items ("tokens").
+      flops: floating-point operations per call, reported as FLOP/s.
+      series: cases sharing a series form a curve over `size` (power-law fits).
+      size: the x value of the curve (e.g. sequence length).
+      listed: as a reference, also give this function its own row in its group's
+        table, plots and fits (e.g. `xla` attention next to the blockwise rows).
+    """
+
+    name: str
+    group: str
+    fn: Callable[..., Any]
+    make_args: Callable[[], tuple[Any, ...]]
+    references: tuple[tuple[str, Case], ...] = ()
+    memory_bound: bool = False
+    items: int | None = None
+    item_unit: str = ""
+    flops: float | None = None
+    series: str | None = None
+    size: int | None = None
+    listed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How hard the runner times.
+
+    Attributes:
+      warmup: calls after compilation before timing.
+      repeats: timed samples per function (fewer when a case would exceed `max_case_s`,
+        never fewer than `min_repeats`).
+      min_repeats: floor on the samples of slow cases.
+      min_sample_s: a sample loops a fast function until it lasts this long.
+      max_case_s: time budget of one case with its references.
+      memory_budget_bytes: cases whose compiled program needs more are compiled and
+        reported (memory, compile time) but not run; None picks half the free memory of
+        the device (host memory on CPU).
+      peak_bandwidth: device peak in bytes/s for the "% of peak" column; None looks the
+        device up in `PEAK_BANDWIDTH`.
+    """
+
+    warmup: int = 2
+    repeats: int = 10
+    min_repeats: int = 3
+    min_sample_s: float = 0.005
+    max_case_s: float = 30.0
+    memory_budget_bytes: int | None = None
+    peak_bandwidth: float | None = None
+
+    def __post_init__(self):
+        _checks.check_min_int("warmup", self.warmup, 0)
+        _checks.check_min_int("min_repeats", self.min_repeats, 1)
+        _checks.check_min_int("repeats", self.repeats, self.min_repeats)
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides: Any) -> Settings:
+        """Defaults of `mode` ("quick": few repeats, small budgets), updated by `overrides`."""
+        _checks.check_choice("mode", mode, MODES)
+        quick = {"warmup": 1, "repeats": 5, "min_sample_s": 0.002, "max_case_s": 4.0}
+        base = quick if mode == "quick" else {}
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if "repeats" in given:  # asking for fewer repeats lowers the floor too
+            given.setdefault("min_repeats", min(cls.min_repeats, given["repeats"]))
+        return cls(**{**base, **given})
+
+
+# ------------------------------------------------------------------ environment
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+    """Peak memory bandwidth (bytes/s) of a device kind in `PEAK_BANDWIDTH`, else None."""
+    for key in sorted(PEAK_BANDWIDTH, key=len, reverse=True):
+        if key.lower() in device_kind.lower():
+            return PEAK_BANDWIDTH[key]
+    return None
+
+
+def environment(settings: Settings | None = None) -> dict[str, Any]:
+    """JAX, backend, device and host facts recorded with every results file."""
+    device = jax.devices()[0]
+    backend = jax.default_backend()
+    cores = _cpu_count()
+    cpu = _cpu_model()
+    if backend == "cpu":
+        machine = f"{cpu}, {cores} cores (CPU backend)"
+    else:
+        machine = f"{device.device_kind} ({backend} backend; host {cpu}, {cores} cores)"
+    peak = settings.peak_bandwidth if settings else None
+    return {
+        "machine": machine,
+        "backend": backend,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "peak_bandwidth_bytes_per_s": peak or peak_bandwidth(device.device_kind),
+        "cpu": cpu,
+        "cpu_cores": cores,
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _free_memory_bytes() -> int | None:
+    """Free memory of the device (host memory on CPU); None when unknown."""
+    if jax.default_backend() != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        return int(limit) - int(stats.get("bytes_in_use", 0)) if limit else None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """Bytes the compiled program needs, from `memory_analysis()`; None if unavailable.
+
+    `total_bytes` = arguments + outputs - aliased + temporaries: the device memory the
+    program holds while it runs.
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if stats is None:
+        return None
+    memory = {
+        "argument_bytes": int(stats.argument_size_in_bytes),
+        "output_bytes": int(stats.output_size_in_bytes),
+        "alias_bytes": int(stats.alias_size_in_bytes),
+        "temp_bytes": int(stats.temp_size_in_bytes),
+    }
+    memory["total_bytes"] = (
+        memory["argument_bytes"]
+        + memory["output_bytes"]
+        - memory["alias_bytes"]
+        + memory["temp_bytes"]
+    )
+    return memory
+
+
+def io_bytes(fn: Callable[..., Any], args: Sequence[Any]) -> int:
+    """Bytes of the array inputs and outputs of `fn(*args)`: the least traffic it needs."""
+    outputs = jax.eval_shape(fn, *args)
+    leaves = [*jax.tree.leaves(args), *jax.tree.leaves(outputs)]
+    return int(sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves))
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A compiled case with its inputs, ready to time."""
+
+    case: Case
+    compiled: Any
+    args: tuple[Any, ...]
+    compile_s: float
+    memory: dict[str, int] | None
+    number: int = 1
+    samples: list[float] = dataclasses.field(default_factory=list)
+    skipped: str | None = None
+
+
+def _prepare(case: Case) -> _Prepared:
+    args = tuple(case.make_args())
+    jax.block_until_ready(args)
+    start = time.perf_counter()
+    compiled = jax.jit(case.fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    return _Prepared(case, compiled, args, compile_s, compiled_memory(compiled))
+
+
+def _sample(prepared: _Prepared, number: int) -> float:
+    start = time.perf_counter()
+    outputs = [prepared.compiled(*prepared.args) for _ in range(number)]
+    jax.block_until_ready(outputs)
+    return (time.perf_counter() - start) / number
+
+
+def _time_interleaved(functions: Sequence[_Prepared], settings: Settings) -> None:
+    """Warms up, calibrates loop counts, then records samples of all functions in turn.
+
+    Warm-up stops after one call for a function that is slow anyway (a call longer than
+    a tenth of the case budget); the last warm-up call calibrates the loop count.
+    """
+    cycle = 0.0
+    for prepared in functions:
+        for _ in range(max(1, settings.warmup)):
+            seconds = _sample(prepared, 1)
+            if seconds > settings.max_case_s / 10:
+                break
+        prepared.number = max(1, min(10_000, math.ceil(settings.min_sample_s / seconds)))
+        cycle += seconds * prepared.number
+    affordable = int(settings.max_case_s / max(cycle, 1e-9))
+    repeats = max(settings.min_repeats, min(settings.repeats, affordable))
+    for _ in range(repeats):
+        for prepared in functions:
+            prepared.samples.append(_sample(prepared, prepared.number))
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and extremes of timing samples (seconds)."""
+    values = np.asarray(samples, dtype=np.float64)
+    q25, median, q75 = np.percentile(values, [25, 50, 75])
+    return {
+        "median_s": float(median),
+        "q25_s": float(q25),
+        "q75_s": float(q75),
+        "min_s": float(values.min()),
+        "max_s": float(values.max()),
+        "repeats": len(values),
+    }
+
+
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles of the sample-by-sample ratios `samples / reference`."""
+    if len(samples) != len(reference) or not samples:
+        raise ValueError(
+            f"paired samples must have the same non-zero length, got {len(samples)} and "
+            f"{len(reference)}"
+        )
+    ratios = np.asarray(samples, np.float64) / np.asarray(reference, np.float64)
+    q25, median, q75 = np.percentile(ratios, [25, 50, 75])
+    return {"ratio": float(median), "ratio_q25": float(q25), "ratio_q75": float(q75)}
+
+
+def _throughput(case: Case, args: Sequence[Any], seconds: float, peak: float | None) -> dict:
+    record: dict[str, Any] = {}
+    if case.memory_bound:
+        moved = io_bytes(case.fn, args)
+        record["bytes_moved"] = moved
+        record["bandwidth_bytes_per_s"] = moved / seconds
+        if peak:
+            record["fraction_of_peak"] = moved / seconds / peak
+    if case.items:
+        record["items"] = case.items
+        record["item_unit"] = case.item_unit
+        record["items_per_s"] = case.items / seconds
+    if case.flops:
+        record["flops"] = case.flops
+        record["flops_per_s"] = case.flops / seconds
+    return record
+
+
+def _identity(case: Case) -> dict[str, Any]:
+    return {
+        "name": case.name,
+        "group": case.group,
+        "series": case.series,
+        "size": case.size,
+    }
+
+
+def _record(prepared: _Prepared, peak: float | None) -> dict[str, Any]:
+    record = _identity(prepared.case)
+    record.update(compile_s=prepared.compile_s, memory=prepared.memory)
+    if prepared.skipped:
+        record["skipped"] = prepared.skipped
+    if prepared.samples:
+        record["time"] = summarize(prepared.samples)
+        record["time"]["calls_per_sample"] = prepared.number
+        seconds = record["time"]["median_s"]
+        record.update(_throughput(prepared.case, prepared.args, seconds, peak))
+    return record
+
+
+def _memory_budget(settings: Settings) -> int | None:
+    if settings.memory_budget_bytes is not None:
+        return settings.memory_budget_bytes
+    free = _free_memory_bytes()
+    return free // 2 if free else None
+
+
+def measure(case: Case, settings: Settings, *, peak: float | None = None) -> dict[str, Any]:
+    """Compiles and times `case` with its references; returns one JSON-ready record.
+
+    The record holds the case's compile time, compiled memory, time statistics and
+    throughput, and under "references" the same for each reference plus the paired
+    ratio `case / reference`. A function whose compiled program needs more than the
+    memory budget (`Settings.memory_budget_bytes`) is compiled and reported but not run
+    (`skipped`); the others are still timed. An exception becomes an `error` entry.
+    """
+    try:  # a broken case is reported and must not end the run
+        prepared = [_prepare(case)] + [_prepare(ref) for _, ref in case.references]
+    except Exception as error:
+        return {**_identity(case), "error": f"{type(error).__name__}: {error}", "references": {}}
+    budget = _memory_budget(settings)
+    for function in prepared:
+        if budget and function.memory and function.memory["total_bytes"] > budget:
+            function.skipped = (
+                f"not run: needs {function.memory['total_bytes'] / 2**30:.1f} GiB, over the "
+                f"memory budget of {budget / 2**30:.1f} GiB"
+            )
+    error = None
+    runnable = [function for function in prepared if not function.skipped]
+    if runnable:
+        try:
+            _time_interleaved(runnable, settings)
+        except Exception as caught:
+            error = f"{type(caught).__name__}: {caught}"
+    record = _record(prepared[0], peak)
+    if error:
+        record["error"] = error
+    record["references"] = {}
+    for (label, ref_case), ref in zip(case.references, prepared[1:], strict=True):
+        entry = {**_record(ref, peak), "listed": ref_case.listed}
+        if prepared[0].samples and ref.samples:
+            entry.update(paired_ratio(prepared[0].samples, ref.samples))
+        record["references"][label] = entry
+    return record
+
+
+def fit_power_law(sizes: Sequence[float], values: Sequence[float]) -> dict[str, float]:
+    """Least-squares fit of `value = coefficient * size^exponent` in log-log space.
+
+    Returns the exponent, the coefficient and the largest relative deviation of the
+    points from the fitted curve (how well a single power law describes them).
+    """
+    sizes = np.asarray(sizes, np.float64)
+    values = np.asarray(values, np.float64)
+    if sizes.shape != values.shape or sizes.size < 2 or len(np.unique(sizes)) < 2:
+        raise ValueError(
+            f"fit_power_law needs at least two distinct sizes with one value each, got "
+            f"sizes {sizes.tolist()} and values {values.tolist()}"
+        )
+    if np.any(sizes <= 0) or np.any(values <= 0):
+        raise ValueError("fit_power_law needs positive sizes and values")
+    exponent, log_coefficient = np.polyfit(np.log(sizes), np.log(values), 1)
+    fitted = np.exp(log_coefficient) * sizes**exponent
+    return {
+        "exponent": float(exponent),
+        "coefficient": float(np.exp(log_coefficient)),
+        "max_relative_deviation": float(np.max(np.abs(values / fitted - 1.0))),
+    }
+
+
+def fit_series(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Power-law fits of compiled memory and median time over `size`, per series."""
+    by_series: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        if record.get("series") and record.get("size"):
+            by_series.setdefault(record["series"], []).append(record)
+    fits = []
+    for series, members in by_series.items():
+        quantities = {
+            "memory": [(r["size"], (r.get("memory") or {}).get("total_bytes")) for r in members],
+            "time": [(r["size"], r.get("time", {}).get("median_s")) for r in members],
+        }
+        for quantity, points in quantities.items():
+            points = [(size, value) for size, value in points if value]
+            if len({size for size, _ in points}) < 2:
+                continue
+            sizes, values = zip(*sorted(points), strict=True)
+            fit = fit_power_law(sizes, values)
+            fits.append(
+                {
+                    "series": series,
+                    "group": members[0]["group"],
+                    "quantity": quantity,
+                    "sizes": list(sizes),
+                    **fit,
+                }
+            )
+    return fits
+
+
+def run_suite(
+    cases: Sequence[Case],
+    settings: Settings,
+    *,
+    mode: str,
+    groups: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measures every case; returns the results document (see `write_outputs`)."""
+    names = [case.name for case in cases]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"case names must be unique, got duplicates {duplicates}")
+    env = environment(settings)
+    peak = env["peak_bandwidth_bytes_per_s"]
+    log(f"jax-posenc bench ({mode}): {len(cases)} cases on {env['machine']}, JAX {env['jax']}")
+    start = time.perf_counter()
+    records = []
+    listed = set()
+    for index, case in enumerate(cases, 1):
+        record = measure(case, settings, peak=peak)
+        elapsed = time.perf_counter() - start
+        log(f"[{index}/{len(cases)}, {elapsed:.0f} s] {_one_line(record)}")
+        for entry in record["references"].values():
+            if entry["listed"] and entry["name"] not in listed:
+                listed.add(entry["name"])
+                records.append(
+                    {k: v for k, v in entry.items() if not k.startswith(("ratio", "listed"))}
+                )
+        records.append(record)
+    return {
+        "schema": SCHEMA_VERSION,
+        "mode": mode,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - start,
+        "environment": env,
+        "settings": dataclasses.asdict(settings),
+        "groups": dict(groups or {}),
+        "notes": list(notes),
+        "results": records,
+        "fits": fit_series(records),
+    }
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def _ms(seconds: float) -> str:
+    milliseconds = seconds * 1e3
+    if milliseconds >= 100:
+        return f"{milliseconds:.0f}"
+    if milliseconds >= 1:
+        return f"{milliseconds:.2f}"
+    return f"{milliseconds:.3f}"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f}"
+
+
+def _si(value: float) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g} "
+
+
+def _one_line(record: Mapping[str, Any]) -> str:
+    text = record["name"]
+    if "time" in record:
+        text += f": {_ms(record['time']['median_s'])} ms"
+    for label, ref in record.get("references", {}).items():
+        if "ratio" in ref:
+            text += f", {ref['ratio']:.2f}x {label}"
+    for key in ("skipped", "error"):
+        if key in record:
+            text += f" [{record[key]}]"
+    return text
+
+
+def _columns(records: Sequence[Mapping[str, Any]], compact: bool) -> list[tuple[str, Callable]]:
+    """The table columns that have a value for at least one record of a group."""
+
+    def time_cell(r):
+        if "time" not in r:
+            return r.get("skipped") or r.get("error") or ""
+        t = r["time"]
+        if compact:
+            return _ms(t["median_s"])
+        return f"{_ms(t['median_s'])} ({_ms(t['q25_s'])}-{_ms(t['q75_s'])})"
+
+    def memory_cell(r):
+        memory = r.get("memory")
+        return f"{_mib(memory['temp_bytes'])} / {_mib(memory['total_bytes'])}" if memory else ""
+
+    def bandwidth_cell(r):
+        if "bandwidth_bytes_per_s" not in r:
+            return ""
+        text = f"{r['bandwidth_bytes_per_s'] / 1e9:.1f}"
+        if "fraction_of_peak" in r:
+            text += f" ({100 * r['fraction_of_peak']:.0f}%)"
+        return text
+
+    columns: list[tuple[str, Callable]] = [("case", lambda r: f"`{r['name']}`")]
+    columns.append(("median ms" if compact else "median ms (IQR)", time_cell))
+    if not compact:
+        columns.append(("compile s", lambda r: f"{r['compile_s']:.2f}" if "compile_s" in r else ""))
+    if any(r.get("memory") for r in records):
+        columns.append(("temp / total MiB", memory_cell))
+    if any("bandwidth_bytes_per_s" in r for r in records):
+        columns.append(("GB/s", bandwidth_cell))
+    if any("flops_per_s" in r for r in records):
+        columns.append(("FLOP/s", lambda r: _si(r["flops_per_s"]) if "flops_per_s" in r else ""))
+    if any("items_per_s" in r for r in records):
+        columns.append(
+            (
+                "items/s",
+                lambda r: f"{r['items_per_s']:,.0f} {r['item_unit']}" if "items_per_s" in r else "",
+            )
+        )
+    ref_labels = list(dict.fromkeys(label for r in records for label in r.get("references", {})))
+    for label in ref_labels:
+
+        def ratio_cell(r, label=label):
+            ref = r.get("references", {}).get(label)
+            if not ref or "ratio" not in ref:
+                return ""
+            if compact:
+                return f"{ref['ratio']:.2f}"
+            return f"{ref['ratio']:.2f} ({_ms(ref['time']['median_s'])} ms)"
+
+        columns.append((f"÷ {label}", ratio_cell))
+    return columns
+
+
+def markdown_tables(document: Mapping[str, Any], *, compact: bool = False, level: int = 2) -> str:
+    """One markdown table per group, followed by that group's power-law fits."""
+    records = document["results"]
+    groups = list(dict.fromkeys(r["group"] for r in records))
+    hashes = "#" * level
+    parts = []
+    for group in groups:
+        members = [r for r in records if r["group"] == group]
+        columns = _columns(members, compact)
+        lines = [f"{hashes} {group}", ""]
+        if document.get("groups", {}).get(group):
+            lines += [document["groups"][group], ""]
+        lines.append("| " + " | ".join(title for title, _ in columns) + " |")
+        lines.append("|" + "---|" * len(columns))
+        for record in members:
+            lines.append("| " + " | ".join(str(cell(record)) for _, cell in columns) + " |")
+        fits = [fit for fit in document.get("fits", []) if fit["group"] == group]
+        if fits:
+            lines.append("")
+            for fit in fits:
+                sizes = ", ".join(str(size) for size in fit["sizes"])
+                lines.append(
+                    f"- `{fit['series']}`: {fit['quantity']} ~ size^{fit['exponent']:.2f} "
+                    f"(sizes {sizes}; largest deviation from the fit "
+                    f"{100 * fit['max_relative_deviation']:.0f}%)"
+                )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _provenance(document: Mapping[str, Any]) -> str:
+    env = document["environment"]
+    settings = document["settings"]
+    return (
+        f"Machine: {env['machine']}; JAX {env['jax']} (jaxlib {env['jaxlib']}), "
+        f"{env['device_count']} device(s), {document['mode']} run of {document['created']}, "
+        f"{document['wall_s']:.0f} s in all. Times are medians over up to "
+        f"{settings['repeats']} samples after {settings['warmup']} warm-up call(s), with "
+        "compilation excluded (reported as trace + compile seconds); `÷ ref` columns are "
+        "paired same-run time ratios case / reference (lower is better); memory is the "
+        "compiled program's temporaries / total (arguments + outputs + temporaries) from "
+        "`memory_analysis()`; GB/s is input + output bytes over the median time."
+    )
+
+
+def markdown_report(document: Mapping[str, Any]) -> str:
+    """The full results file in markdown: provenance, notes, every table."""
+    lines = [f"# jax_posenc benchmarks ({document['mode']})", "", _provenance(document), ""]
+    if document.get("notes"):
+        lines += [*(f"- {note}" for note in document["notes"]), ""]
+    return "\n".join(lines) + "\n" + markdown_tables(document)
+
+
+def performance_section(document: Mapping[str, Any]) -> str:
+    """The README's "Performance" section, generated from a results document."""
+    env = document["environment"]
+    command = "jax-posenc bench" + (" --quick" if document["mode"] == "quick" else "")
+    lines = [
+        "## Performance",
+        "",
+        f"Measured with `{command}` on {env['machine']}, JAX {env['jax']}, "
+        f"{document['created'][:10]}. Regenerate this section with "
+        "`jax-posenc bench --section` after a run; the full tables, with spreads and "
+        "compile times, are in `bench_out/`.",
+        "",
+        "Times are medians after warm-up, compilation excluded. `÷ ref` columns are "
+        "same-run time ratios case / reference measured in alternation (lower is "
+        "better): `copy` is a jitted copy of the same tensor (the memory-bandwidth floor), "
+        "`tutorial` the hand-written form from `benchmarks/tutorial.py`, `xla` plain "
+        "XLA attention. Memory is the compiled program's temporaries / total in MiB.",
+        "",
+    ]
+    if document.get("notes"):
+        lines += [*(f"- {note}" for note in document["notes"]), ""]
+    return "\n".join(lines) + "\n" + markdown_tables(document, compact=True, level=3)
+
+
+def plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes a 2x2 figure: ratios of memory-bound cases, memory and time over size, items/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = document["results"]
+    fig, axes = plt.subplots(2, 2, figsize=(15, 11))
+    ratio_axis, memory_axis, time_axis, items_axis = axes.ravel()
+
+    bound = [r for r in records if "bandwidth_bytes_per_s" in r and r.get("references")]
+    labels = list(dict.fromkeys(label for r in bound for label in r["references"]))
+    height = 0.8 / max(1, len(labels))
+    for index, label in enumerate(labels):
+        ratios = [r["references"].get(label, {}).get("ratio", np.nan) for r in bound]
+        positions = np.arange(len(bound)) + index * height
+        ratio_axis.barh(positions, ratios, height=height, label=f"÷ {label}")
+    ratio_axis.set_yticks(np.arange(len(bound)) + 0.4 - height / 2)
+    ratio_axis.set_yticklabels([r["name"] for r in bound], fontsize=6)
+    ratio_axis.axvline(1.0, color="black", linewidth=0.8)
+    ratio_axis.set_xscale("log")
+    ratio_axis.invert_yaxis()
+    ratio_axis.set_xlabel("time ratio case / reference (lower is better)")
+    ratio_axis.set_title("memory-bound encodings")
+    if labels:
+        ratio_axis.legend(fontsize=8)
+
+    fits = {(f["series"], f["quantity"]): f for f in document.get("fits", [])}
+    series = list(dict.fromkeys(r["series"] for r in records if r.get("series")))
+    for axis, quantity, unit in ((memory_axis, "memory", "MiB"), (time_axis, "time", "ms")):
+        for name in series:
+            members = sorted(
+                (r for r in records if r.get("series") == name), key=lambda r: r["size"]
+            )
+            if quantity == "memory":
+                points = [
+                    (r["size"], r["memory"]["total_bytes"] / 2**20)
+                    for r in members
+                    if r.get("memory")
+                ]
+            else:
+                points = [(r["size"], r["time"]["median_s"] * 1e3) for r in members if "time" in r]
+            if not points:
+                continue
+            fit = fits.get((name, quantity))
+            label = name + (f" (~size^{fit['exponent']:.2f})" if fit else "")
+            axis.loglog(*zip(*points, strict=True), marker="o", label=label)
+        axis.set_xlabel("size (sequence length)")
+        axis.set_ylabel(f"compiled {quantity} ({unit})" if quantity == "memory" else unit)
+        axis.set_title(f"{quantity} over size")
+        if series:
+            axis.legend(fontsize=6)
+
+    with_items = [r for r in records if "items_per_s" in r]
+    items_axis.barh([r["name"] for r in with_items], [r["items_per_s"] for r in with_items])
+    items_axis.invert_yaxis()
+    items_axis.tick_params(axis="y", labelsize=7)
+    unit = with_items[0]["item_unit"] if with_items else "items"
+    items_axis.set_xlabel(f"{unit} / s")
+    items_axis.set_title("throughput")
+
+    env = document["environment"]
+    fig.suptitle(f"jax_posenc bench ({document['mode']}): {env['machine']}, JAX {env['jax']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(document: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes `bench-<mode>.json`, `.md` and `.png` into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{document['mode']}"
+    paths = {suffix: stem.with_suffix(f".{suffix}") for suffix in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(document, indent=1) + "\n")
+    paths["md"].write_text(markdown_report(document))
+    plot(document, paths["png"])
+    return paths
+
+
+def latest_results(out_dir: str | os.PathLike) -> Path:
+    """The results file `--section` reads: the full run if there is one, else the quick one."""
+    for mode in ("full", "quick"):
+        path = Path(out_dir) / f"bench-{mode}.json"
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"no bench-full.json or bench-quick.json in {out_dir}; run `jax-posenc bench` first"
+    )
+
+
+# ------------------------------------------------------------------ command line
+
+
+def find_suite_dir() -> Path:
+    """The repository's `benchmarks/` folder (next to the package, else in the cwd)."""
+    candidates = [Path(__file__).resolve().parents[1] / "benchmarks", Path.cwd() / "benchmarks"]
+    for candidate in candidates:
+        if (candidate / "cases.py").exists():
+            return candidate
+    raise FileNotFoundError(
+        "the benchmark suite (benchmarks/cases.py) ships with the source repository; "
+        f"looked in {', '.join(str(c) for c in candidates)}; pass --suite DIR"
+    )
+
+
+def load_suite(suite_dir: str | os.PathLike | None = None) -> Any:
+    """Imports `benchmarks.cases` from `suite_dir` (default: `find_suite_dir()`)."""
+    suite_dir = Path(suite_dir) if suite_dir else find_suite_dir()
+    root = str(suite_dir.resolve().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"{suite_dir.name}.cases")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `bench` options to `parser` (shared by the CLI and benchmarks/run.py)."""
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few repeats (minutes on a CPU)"
+    )
+    parser.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
+    parser.add_argument("--only", metavar="REGEX", help="run only cases whose name matches")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--repeats", type=int, help="timed samples per function")
+    parser.add_argument("--warmup", type=int, help="warm-up calls after compiling")
+    parser.add_argument(
+        "--peak-bandwidth", type=float, metavar="GB_PER_S", help="device peak for '%% of peak'"
+    )
+    parser.add_argument("--suite", metavar="DIR", help="the benchmarks/ folder to load cases from")
+    parser.add_argument(
+        "--section",
+        nargs="?",
+        const="",
+        metavar="RESULTS_JSON",
+        help="print the README 'Performance' section from a results file (default: the "
+        "latest in --out) and write it to <out>/performance.md; runs nothing",
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Runs the suite (or prints the Performance section) as `args` ask."""
+    if args.section is not None:
+        path = Path(args.section) if args.section else latest_results(args.out)
+        section = performance_section(json.loads(path.read_text()))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "performance.md").write_text(section)
+        print(section)
+        return 0
+    mode = "quick" if args.quick else "full"
+    suite = load_suite(args.suite)
+    cases = suite.build_cases(mode)
+    if args.only:
+        pattern = re.compile(args.only)
+        cases = [case for case in cases if pattern.search(case.name)]
+    if args.list:
+        for case in cases:
+            refs = ", ".join(label for label, _ in case.references)
+            print(case.name + (f"  (÷ {refs})" if refs else ""))
+        return 0
+    settings = Settings.for_mode(
+        mode,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        peak_bandwidth=args.peak_bandwidth * 1e9 if args.peak_bandwidth else None,
+    )
+    document = run_suite(cases, settings, mode=mode, groups=suite.GROUPS, notes=suite.notes())
+    paths = write_outputs(document, args.out)
+    print(markdown_report(document))
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python benchmarks/run.py`."""
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))

@@ -1,0 +1,360 @@
+"""A small decoder-only Flax transformer whose positional encoding is chosen by name.
+
+The model reads only the encoding registry (`jax_posenc.registry`): every part of the
+encoding name (e.g. "sinusoidal+alibi") contributes through the protocol it declares,
+
+* `input_embedding`: added to the token embeddings once, before the first layer;
+* `qk_transform`: applied to queries and keys in every layer;
+* `logit_bias`: its `bias_fn()` is handed to `dot_product_attention`;
+* `relative_terms`: its `terms()` (a `RelativeTerms`) is handed to attention;
+
+so nothing about positions is re-implemented here and a newly registered encoding works
+without edits. Positions are explicit `[B, S]` arguments (default `arange(S)` per row),
+so packed sequences (with `segment_ids`) and offset positions work.
+
+Architecture: pre-norm residual blocks (RMSNorm or LayerNorm), multi-head attention
+with optional grouped key/value heads, GELU or SwiGLU MLP, a final norm and (optionally
+tied) output embedding. Token embeddings are multiplied by `sqrt(d_model)` (Vaswani et
+al., 2017, section 3.4) so they have unit scale next to an additive position encoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_posenc import _checks, registry
+from jax_posenc._protocols import RelativeTerms
+from jax_posenc.attention import dot_product_attention, segment_positions
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("gelu", "swiglu")
+ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ATTENTION_ROLES = ("qk_transform", "logit_bias", "relative_terms")
+
+
+def _freeze_options(options: Mapping[str, Mapping[str, Any]]):
+    if not isinstance(options, Mapping):
+        raise TypeError(f"encoding_options must be a mapping of mappings, got {options!r}")
+    frozen = []
+    for name, values in sorted(options.items()):
+        if not isinstance(values, Mapping):
+            raise TypeError(f"encoding_options[{name!r}] must be a mapping, got {values!r}")
+        frozen.append((name, tuple(sorted(values.items()))))
+    return tuple(frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Static, hashable configuration of `Transformer`.
+
+    Attributes:
+      encoding: registry name of the positional encoding, parts joined by "+"
+        (e.g. "rope", "none", "sinusoidal+alibi"); see `available_encodings()`.
+      vocab_size: number of token ids (256 for bytes).
+      d_model: width of the residual stream.
+      num_layers: number of transformer blocks.
+      num_heads: query heads; `d_model` must be divisible by it.
+      num_kv_heads: key/value heads (grouped-query attention); None for `num_heads`.
+      mlp_dim: hidden width of the MLP; None for `4 * d_model`.
+      max_positions: largest number of positions the model will see; sizes learned
+        tables and bounds the default positions `arange(S)`.
+      norm: "rmsnorm" or "layernorm".
+      mlp: "gelu" or "swiglu".
+      tie_embeddings: whether the output projection reuses the token embedding.
+      attention: "xla" or "blockwise" (see `dot_product_attention`).
+      block_size: key block size of the blockwise implementation.
+      dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32 and the
+        logits are returned in float32.
+      encoding_options: per-encoding settings, e.g. `{"rope": {"base": 500000.0}}`,
+        passed to the factories through `EncodingSpec.options`. Stored as sorted
+        tuples so the config stays hashable; read them back with `options`.
+    """
+
+    encoding: str = "rope"
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    mlp_dim: int | None = None
+    max_positions: int = 1024
+    norm: str = "rmsnorm"
+    mlp: str = "gelu"
+    tie_embeddings: bool = True
+    attention: str = "xla"
+    block_size: int = 128
+    dtype: str = "float32"
+    encoding_options: Any = ()
+
+    def __post_init__(self):
+        registry.resolve(self.encoding)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_positions"):
+            _checks.check_positive_int(name, getattr(self, name))
+        _checks.check_positive_int("block_size", self.block_size)
+        if self.num_kv_heads is not None:
+            _checks.check_positive_int("num_kv_heads", self.num_kv_heads)
+        if self.mlp_dim is not None:
+            _checks.check_positive_int("mlp_dim", self.mlp_dim)
+        _checks.check_choice("norm", self.norm, NORMS)
+        _checks.check_choice("mlp", self.mlp, MLPS)
+        _checks.check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        _checks.check_choice("dtype", self.dtype, tuple(COMPUTE_DTYPES))
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.kv_heads}"
+            )
+        if isinstance(self.encoding_options, Mapping):
+            object.__setattr__(self, "encoding_options", _freeze_options(self.encoding_options))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return 4 * self.d_model if self.mlp_dim is None else self.mlp_dim
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return COMPUTE_DTYPES[self.dtype]
+
+    @property
+    def options(self) -> dict[str, dict[str, Any]]:
+        """`encoding_options` as a dict of dicts."""
+        return {name: dict(values) for name, values in self.encoding_options}
+
+    def encoding_spec(self) -> registry.EncodingSpec:
+        """The `EncodingSpec` every registry factory of this model receives."""
+        return registry.EncodingSpec(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            max_positions=self.max_positions,
+            causal=True,
+            options=self.options,
+        )
+
+
+def _sum_of(fns: Sequence[Callable | None]) -> Callable | None:
+    """The pointwise sum of the given callables (None when there are none)."""
+    fns = [fn for fn in fns if fn is not None]
+    if len(fns) <= 1:
+        return fns[0] if fns else None
+    return lambda *args: sum(fn(*args) for fn in fns)
+
+
+def _sum_relative_terms(terms: Sequence[RelativeTerms]) -> RelativeTerms | None:
+    """One `RelativeTerms` adding up several: every field is linear in what it adds."""
+    if len(terms) <= 1:
+        return terms[0] if terms else None
+    biases = [t.content_bias for t in terms if t.content_bias is not None]
+    return RelativeTerms(
+        query_bias_fn=_sum_of([t.query_bias_fn for t in terms]),
+        value_fn=_sum_of([t.value_fn for t in terms]),
+        content_bias=sum(biases) if biases else None,
+    )
+
+
+def _norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dtype=config.compute_dtype)
+    return nn.LayerNorm(dtype=config.compute_dtype)
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention whose positional terms come from the registry.
+
+    Positional submodules are named `<encoding>_<role>`, e.g. `rope_qk_transform`,
+    `t5_logit_bias`, `shaw_relative_terms`.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        config = self.config
+        dense = dict(dtype=config.compute_dtype, use_bias=False)
+        self.query = nn.DenseGeneral((config.num_heads, config.head_dim), **dense)
+        self.key = nn.DenseGeneral((config.kv_heads, config.head_dim), **dense)
+        self.value = nn.DenseGeneral((config.kv_heads, config.head_dim), **dense)
+        self.out = nn.DenseGeneral(config.d_model, axis=(-2, -1), **dense)
+        spec = config.encoding_spec()
+        roles = []
+        for part in registry.resolve(config.encoding):
+            for role in _ATTENTION_ROLES:
+                factory = getattr(part, role)
+                if factory is not None:
+                    setattr(self, f"{part.name}_{role}", factory(spec))
+                    roles.append((role, f"{part.name}_{role}"))
+        self.positional_roles = tuple(roles)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """`x` `[B, S, d_model]`, `positions` `[B or 1, S]` -> `[B, S, d_model]`."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        bias_fns, relative_terms = [], []
+        for role, name in self.positional_roles:
+            module = getattr(self, name)
+            if role == "qk_transform":
+                q, k = module(q, k, positions, positions)
+            elif role == "logit_bias":
+                bias_fns.append(module.bias_fn())
+            else:
+                relative_terms.append(module.terms())
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            bias_fn=_sum_of(bias_fns),
+            relative_terms=_sum_relative_terms(relative_terms),
+            q_positions=positions,
+            k_positions=positions,
+            causal=True,
+            segment_ids=segment_ids,
+            implementation=self.config.attention,
+            block_size=self.config.block_size,
+        )
+        return self.out(out)
+
+
+class MLP(nn.Module):
+    """GELU MLP or SwiGLU (Shazeer, 2020, GLU Variants Improve Transformer)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        config = self.config
+        dense = dict(dtype=config.compute_dtype, use_bias=False)
+        hidden = nn.Dense(config.hidden_dim, name="up", **dense)(x)
+        if config.mlp == "swiglu":
+            hidden = nn.silu(nn.Dense(config.hidden_dim, name="gate", **dense)(x)) * hidden
+        else:
+            hidden = nn.gelu(hidden)
+        return nn.Dense(config.d_model, name="down", **dense)(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None):
+        x = x + SelfAttention(self.config, name="attention")(
+            _norm(self.config)(x), positions, segment_ids
+        )
+        return x + MLP(self.config, name="mlp")(_norm(self.config)(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model; see the module docstring and `TransformerConfig`.
+
+    Call as `model.apply(params, tokens, positions=None, segment_ids=None)`.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        config = self.config
+        self.token_embedding = nn.Embed(
+            config.vocab_size, config.d_model, dtype=config.compute_dtype
+        )
+        spec = config.encoding_spec()
+        names = []
+        for part in registry.resolve(config.encoding):
+            if part.input_embedding is not None:
+                setattr(self, f"{part.name}_input_embedding", part.input_embedding(spec))
+                names.append(f"{part.name}_input_embedding")
+        self.input_embedding_names = tuple(names)
+        self.layers = [Block(config) for _ in range(config.num_layers)]
+        self.final_norm = _norm(config)
+        if not config.tie_embeddings:
+            self.unembed = nn.Dense(config.vocab_size, dtype=config.compute_dtype, use_bias=False)
+
+    def _positions(self, tokens, positions, segment_ids) -> jax.Array:
+        """Positions as int32 `[B, S]`, or `[1, S]` when every row shares them.
+
+        Shared positions stay `[1, S]` so positional terms (a bias MLP over every
+        query-key pair, for instance) are computed once, not once per row.
+        """
+        batch, length = tokens.shape
+        max_positions = self.config.max_positions
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        if positions is None:
+            if length > max_positions:
+                raise ValueError(
+                    f"tokens has length {length} but the model was configured for "
+                    f"max_positions={max_positions}; raise max_positions"
+                )
+            return jnp.arange(length, dtype=jnp.int32)[None]
+        positions = _checks.check_integer_array("positions", positions)
+        _checks.check_rank("positions", positions, (1, 2))
+        if positions.shape[-1] != length or (
+            positions.ndim == 2 and positions.shape[0] not in (1, batch)
+        ):
+            raise ValueError(
+                f"positions must have shape [{length}] or [{batch} or 1, {length}] to match "
+                f"tokens, got shape {tuple(positions.shape)}"
+            )
+        if _checks.is_concrete(positions) and positions.size:
+            # NumPy, not jnp: inside jit, jnp reductions of a concrete array are traced.
+            values = np.asarray(positions)
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= max_positions:
+                raise ValueError(
+                    f"positions must lie in [0, max_positions={max_positions}), got values in "
+                    f"[{low}, {high}]"
+                )
+        return jnp.atleast_2d(positions).astype(jnp.int32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Next-token logits.
+
+        Args:
+          tokens: `[B, S]` integer token ids.
+          positions: `[B, S]`, `[1, S]` or `[S]` integer positions; None for `arange(S)`, or, with
+            `segment_ids`, positions restarting at 0 at each segment start.
+          segment_ids: optional `[B, S]` ids of packed sequences; tokens attend only
+            within their segment.
+
+        Returns:
+          `[B, S, vocab_size]` float32 logits.
+        """
+        tokens = _checks.check_integer_array("tokens", tokens)
+        _checks.check_rank("tokens", tokens, 2)
+        positions = self._positions(tokens, positions, segment_ids)
+        x = self.token_embedding(tokens) * math.sqrt(self.config.d_model)
+        for name in self.input_embedding_names:
+            x = x + getattr(self, name)(positions).astype(x.dtype)
+        for layer in self.layers:
+            x = layer(x, positions, segment_ids)
+        x = self.final_norm(x)
+        tied = self.config.tie_embeddings
+        logits = self.token_embedding.attend(x) if tied else self.unembed(x)
+        chex.assert_shape(logits, (*tokens.shape, self.config.vocab_size))
+        return logits.astype(jnp.float32)

@@ -1,0 +1,735 @@
+"""Rotary position embeddings (RoPE), multi-axis RoPE and xPos.
+
+RoPE (Su et al., 2021) rotates each pair of query/key features by an angle
+`position * theta_i`, so the dot product of a rotated query and key depends on their
+positions only through `q_pos - k_pos`. Pair `i` uses `theta_i = base^(-2i/rotary_dim)`
+unless a scaling spec (`jax_posenc.rope_scaling`) or explicit `inv_freq` says otherwise.
+
+Layouts (which features form a pair; the weights of a checkpoint fix the layout):
+
+* `"half"` (GPT-NeoX, Llama, HF `rotate_half`): feature `i` pairs with `i + rotary_dim/2`.
+* `"interleaved"` (GPT-J, RoFormer, Mesh-TF): feature `2i` pairs with `2i + 1`.
+
+`rope_layout_permutation` converts q/k projection weights between the two.
+
+Partial rotary (`rotary_dim < head_dim`, GPT-NeoX, Phi, ChatGLM) rotates the first
+`rotary_dim` features of each head and passes the others through unchanged.
+
+Positions are explicit integer (or float) arrays `[S]` or `[B, S]`: KV-cache decoding
+(query positions offset by the cache length), left padding and packed sequences are all
+expressed through them. Angles, cos and sin are float32 whatever the input dtype (exact
+to ~1e-6 rad up to position 2^24, see `jax_posenc._angles`), the rotation runs in
+float32 (float64 for float64 inputs) and the output has the input dtype.
+
+References:
+  Su et al., 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding.
+  Black et al., 2022, GPT-NeoX-20B (partial rotary, the "half" layout).
+  Wang et al., 2024, Qwen2-VL (multimodal rotary position embedding, M-RoPE).
+  Heo et al., 2024, Rotary Position Embedding for Vision Transformer (2-D axial RoPE).
+  Sun et al., 2022, A Length-Extrapolatable Transformer (xPos).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_posenc import _checks
+from jax_posenc._angles import ANGLE_PRECISIONS, rotation_angles
+from jax_posenc.rope_scaling import SCALING_TYPES, RopeScaling, SeqLen, default_frequencies
+
+ROPE_LAYOUTS = ("half", "interleaved")
+XPOS_GAMMA = 0.4  # Sun et al. (2022), section 3.2: zeta_i = (2i/d + gamma) / (1 + gamma).
+
+
+# ------------------------------------------------------------------ frequencies and tables
+
+
+def _check_scaling(scaling: object) -> None:
+    if scaling is not None and not isinstance(scaling, SCALING_TYPES):
+        names = ", ".join(t.__name__ for t in SCALING_TYPES)
+        raise TypeError(
+            f"scaling must be None or one of {names}, got {scaling!r} "
+            "(convert a config dict with from_hf_rope_parameters)"
+        )
+
+
+def _check_seq_len(seq_len: SeqLen) -> SeqLen:
+    if seq_len is None or not _checks.is_concrete(seq_len):
+        return seq_len
+    if isinstance(seq_len, jax.Array | np.ndarray):
+        _checks.check_rank("seq_len", seq_len, 0)
+        _checks.check_integer_array("seq_len", seq_len)
+        seq_len = int(seq_len)
+    return _checks.check_positive_int("seq_len", seq_len)
+
+
+def rope_frequencies(
+    rotary_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: RopeScaling | None = None,
+    seq_len: SeqLen = None,
+) -> tuple[np.ndarray | jax.Array, float]:
+    """Inverse frequencies `theta_i` (radians per position) and the cos/sin multiplier.
+
+    Args:
+      rotary_dim: number of rotated features per head (even).
+      base: wavelength base, > 0 (`rope_theta` in model configs).
+      scaling: a spec from `jax_posenc.rope_scaling`, or None for plain RoPE.
+      seq_len: current sequence length, read only by `DynamicNTKScaling` and
+        `LongRopeScaling`. A Python int keeps the frequencies static; a traced value
+        makes them traced (and the angles then use the float32 product).
+
+    Returns:
+      `(inv_freq, attention_factor)`: `inv_freq` `[rotary_dim/2]` is a float64 NumPy
+      array when static (a float32 jax array when traced); `attention_factor` multiplies
+      cos and sin (1.0 except for YaRN and LongRoPE).
+    """
+    rotary_dim = _checks.check_even_positive_int("rotary_dim", rotary_dim)
+    base = _checks.check_positive_float("base", base)
+    _check_scaling(scaling)
+    seq_len = _check_seq_len(seq_len)
+    if scaling is None:
+        return default_frequencies(rotary_dim, base), 1.0
+    return scaling.frequencies(rotary_dim, base, seq_len)
+
+
+def _own_buffer(table: jax.Array) -> jax.Array:
+    """Returns `table` unchanged, computed once into its own buffer.
+
+    XLA fuses cheap elementwise producers into their consumers, and it counts sin and
+    cos as cheap: left alone, the whole exact-angle computation and both
+    transcendentals would be fused into the rotation loop and redone for every batch row
+    and head (5x slower than a copy on CPU). A gather is never fused into a consumer
+    that reuses its elements, so an identity gather keeps the `[..., n]` table separate.
+    """
+    return jnp.take(table, np.arange(table.shape[0]), axis=0)
+
+
+def rope_cos_sin(
+    positions: jax.Array,
+    inv_freq: np.ndarray | jax.Array,
+    *,
+    attention_factor: float | jax.Array = 1.0,
+    dtype: jnp.dtype = jnp.float32,
+    angle_precision: str = "exact",
+) -> tuple[jax.Array, jax.Array]:
+    """`attention_factor * cos(position * theta_i)` and the same with sin.
+
+    Args:
+      positions: integer (or float) positions of any shape `[...]`.
+      inv_freq: `[n]` frequencies shared by all heads, or `[H, n]` per head. A NumPy
+        array (as `rope_frequencies` returns for static settings) gives exact angles; a
+        traced array (learned frequencies) the float32 product.
+      attention_factor: multiplier of cos and sin (YaRN / LongRoPE).
+      dtype: output dtype; angles and the multiplication are float32.
+      angle_precision: "exact" (default) or "float32" (the plain float32 product, bit
+        for bit, for checkpoints trained with it).
+
+    Returns:
+      `(cos, sin)`, each `[..., n]` (or `[..., H, n]` for per-head frequencies).
+    """
+    _checks.check_choice("angle_precision", angle_precision, ANGLE_PRECISIONS)
+    positions = _checks.check_real_array("positions", positions)
+    if _checks.is_concrete(inv_freq):
+        inv_freq = np.asarray(inv_freq, dtype=np.float64)
+    _checks.check_rank("inv_freq", inv_freq, (1, 2))
+    if inv_freq.ndim == 2:
+        positions = positions[..., None]
+    if isinstance(attention_factor, int | float):
+        attention_factor = _checks.check_positive_float("attention_factor", attention_factor)
+    angles = rotation_angles(positions, inv_freq, angle_precision=angle_precision)
+    table = jnp.stack([jnp.cos(angles), jnp.sin(angles)])
+    if not (isinstance(attention_factor, float) and attention_factor == 1.0):
+        table = table * attention_factor
+    table = _own_buffer(table).astype(dtype)
+    return table[0], table[1]
+
+
+# ------------------------------------------------------------------ rotation
+
+
+def _check_layout(layout: str) -> str:
+    return _checks.check_choice("layout", layout, ROPE_LAYOUTS)
+
+
+def _resolve_rotary_dim(rotary_dim: int | None, head_dim: int) -> int:
+    if rotary_dim is None:
+        rotary_dim = head_dim
+    rotary_dim = _checks.check_even_positive_int("rotary_dim", rotary_dim)
+    if rotary_dim > head_dim:
+        raise ValueError(
+            f"rotary_dim must be <= head_dim, got rotary_dim={rotary_dim} and head_dim={head_dim}"
+        )
+    return rotary_dim
+
+
+def _check_activations(name: str, x: jax.Array) -> jax.Array:
+    x = _checks.check_floating_array(name, x)
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must have shape [batch, seq, heads, head_dim], got shape {x.shape}"
+        )
+    return x
+
+
+def _position_rows(name: str, positions: jax.Array, x_name: str, x: jax.Array) -> jax.Array:
+    """Validates `positions` `[S]` or `[B or 1, S]` against `x` `[B, S, H, D]`; returns 2-D."""
+    positions = _checks.check_real_array(name, positions)
+    batch, seq = x.shape[:2]
+    rows = positions[None] if positions.ndim == 1 else positions
+    if rows.ndim != 2 or rows.shape[1] != seq or rows.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must have shape [seq] = ({seq},) or [batch, seq] = ({batch}, {seq}) to "
+            f"match {x_name} of shape {x.shape} [batch, seq, heads, head_dim], got shape "
+            f"{positions.shape}"
+        )
+    return rows
+
+
+def _rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
+    """Rotates all `2n` features of `x` `[..., 2n]` by cos/sin broadcastable to `[..., n]`.
+
+    Pairs are split with a reshape to `[..., 2, n]` (half) or `[..., n, 2]`
+    (interleaved) and put back with a stack on that axis, which XLA fuses into a single
+    pass over `x`; slicing the halves apart and concatenating them costs an extra copy.
+    """
+    n = cos.shape[-1]
+    if layout == "half":
+        pair_axis = -2
+        pairs = x.reshape(*x.shape[:-1], 2, n)
+        first, second = pairs[..., 0, :], pairs[..., 1, :]
+    else:
+        pair_axis = -1
+        pairs = x.reshape(*x.shape[:-1], n, 2)
+        first, second = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([first * cos - second * sin, second * cos + first * sin], axis=pair_axis)
+    return out.reshape(x.shape)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
+    """Rotates the first `2n` features of `x` `[B, S, H, D]` by cos/sin `[B|1, S, H|1, n]`.
+
+    The arithmetic runs in float32 (float64 for float64 inputs) with one cast back to
+    `x.dtype`; the other features are selected from `x` untouched. The forms below are
+    the ones XLA:CPU runs as a single vectorised pass (a concatenation of the rotated
+    part and the tail costs an extra copy): when `2n` divides `D`, the head is viewed as
+    `D / 2n` blocks, every block is rotated and block 0 is kept (selecting in the input
+    dtype); otherwise the rotated part is padded to `D` and selected in float32, which is
+    exact for the untouched features and faster than a bf16 select of a pad.
+    """
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    cos = cos.astype(compute_dtype)
+    sin = sin.astype(compute_dtype)
+    rotary_dim = 2 * cos.shape[-1]
+    head_dim = x.shape[-1]
+    if head_dim % rotary_dim:
+        values = x.astype(compute_dtype)
+        rotated = _rotate_pairs(values[..., :rotary_dim], cos, sin, layout)
+        padded = jnp.pad(rotated, [(0, 0)] * 3 + [(0, head_dim - rotary_dim)])
+        return jnp.where(np.arange(head_dim) < rotary_dim, padded, values).astype(x.dtype)
+    blocks = x.reshape(*x.shape[:-1], head_dim // rotary_dim, rotary_dim)
+    out = _rotate_pairs(blocks.astype(compute_dtype), cos[..., None, :], sin[..., None, :], layout)
+    out = out.astype(x.dtype)
+    if head_dim > rotary_dim:
+        out = jnp.where((np.arange(head_dim // rotary_dim) == 0)[:, None], out, blocks)
+    return out.reshape(x.shape)
+
+
+def _inv_freq_rotary_dim(inv_freq, rotary_dim: int | None, x: jax.Array) -> int:
+    shape = jnp.shape(inv_freq)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] not in (1, x.shape[2])):
+        raise ValueError(
+            f"inv_freq must have shape [rotary_dim/2] or [heads, rotary_dim/2] with heads = "
+            f"{x.shape[2]}, got shape {shape}"
+        )
+    implied = 2 * shape[-1]
+    if rotary_dim is not None and rotary_dim != implied:
+        raise ValueError(
+            f"rotary_dim={rotary_dim} does not match inv_freq of shape {shape} (which "
+            f"rotates 2 * {shape[-1]} = {implied} features)"
+        )
+    return _resolve_rotary_dim(implied, x.shape[-1])
+
+
+def _tables(positions: jax.Array, inv_freq, attention_factor, angle_precision: str):
+    """cos/sin `[B|1, S, H|1, n]` for positions `[B|1, S]`."""
+    cos, sin = rope_cos_sin(
+        positions, inv_freq, attention_factor=attention_factor, angle_precision=angle_precision
+    )
+    if jnp.ndim(inv_freq) == 1:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return cos, sin
+
+
+def _default_seq_len(*positions: jax.Array) -> SeqLen:
+    """`max(position) + 1` over all given positions (HF's rule for length-dependent RoPE).
+
+    A Python int when every positions array is concrete (NumPy arrays stay concrete even
+    inside jit), else a traced int32 scalar.
+    """
+    nonempty = [p for p in positions if np.size(p)]
+    if not nonempty:
+        return None
+    if all(_checks.is_concrete(p) for p in nonempty):
+        return max(int(np.floor(np.max(np.asarray(p)))) for p in nonempty) + 1
+    return jnp.max(jnp.stack([jnp.max(p) for p in nonempty])).astype(jnp.int32) + 1
+
+
+def _frequencies_for(
+    rotary_dim: int | None,
+    head_dim: int,
+    base: float,
+    scaling: RopeScaling | None,
+    seq_len: SeqLen,
+    positions: Sequence[jax.Array],
+):
+    """Resolves rotary_dim and `rope_frequencies`, deriving `seq_len` when it matters."""
+    rotary_dim = _resolve_rotary_dim(rotary_dim, head_dim)
+    _check_scaling(scaling)
+    if seq_len is None and scaling is not None and scaling.depends_on_seq_len:
+        seq_len = _default_seq_len(*positions)
+    inv_freq, attention_factor = rope_frequencies(
+        rotary_dim, base=base, scaling=scaling, seq_len=seq_len
+    )
+    return rotary_dim, inv_freq, attention_factor
+
+
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    base: float = 10000.0,
+    rotary_dim: int | None = None,
+    layout: str = "half",
+    scaling: RopeScaling | None = None,
+    inv_freq: np.ndarray | jax.Array | None = None,
+    attention_factor: float | None = None,
+    seq_len: SeqLen = None,
+    angle_precision: str = "exact",
+) -> jax.Array:
+    """Rotary position embedding (Su et al., 2021) of queries or keys.
+
+    Pair `(a, b)` of features at position `p` becomes
+    `(a cos(p theta_i) - b sin(p theta_i), b cos(p theta_i) + a sin(p theta_i))`, times
+    the scaling's attention factor.
+
+    Args:
+      x: `[B, S, H, D]` queries or keys, any float dtype.
+      positions: `[S]` or `[B, S]` integer (or float) positions of the tokens of `x`.
+      base: wavelength base (`rope_theta`).
+      rotary_dim: number of rotated features per head (even, <= D); None rotates all.
+        The features from `rotary_dim` on are passed through unchanged.
+      layout: "half" (feature i pairs with i + rotary_dim/2) or "interleaved" (2i with
+        2i + 1).
+      scaling: a context-extension spec from `jax_posenc.rope_scaling`, or None.
+      inv_freq: explicit frequencies `[rotary_dim/2]` or per head `[H, rotary_dim/2]`
+        (custom bands, learned frequencies); replaces `base` and `scaling`.
+      attention_factor: multiplier of cos and sin, only together with `inv_freq`
+        (otherwise it comes from `scaling`, so it can never be applied twice).
+      seq_len: current length for `DynamicNTKScaling` / `LongRopeScaling`; by default
+        `max(positions) + 1` (a Python int when positions are concrete, traced under
+        jit, where a traced length makes the angles use the float32 product: pass a
+        Python int to keep them exact).
+      angle_precision: "exact" or "float32" (see `rope_cos_sin`).
+
+    Returns:
+      `[B, S, H, D]` array of `x.dtype`.
+    """
+    x = _check_activations("x", x)
+    _check_layout(layout)
+    rows = _position_rows("positions", positions, "x", x)
+    if inv_freq is None:
+        if attention_factor is not None:
+            raise ValueError(
+                "attention_factor is only accepted together with inv_freq; with base/scaling "
+                "it comes from the scaling spec"
+            )
+        _, inv_freq, attention_factor = _frequencies_for(
+            rotary_dim, x.shape[-1], base, scaling, seq_len, [positions]
+        )
+    else:
+        if scaling is not None or base != 10000.0:
+            raise ValueError("pass either inv_freq or base/scaling, not both")
+        _inv_freq_rotary_dim(inv_freq, rotary_dim, x)
+        attention_factor = 1.0 if attention_factor is None else attention_factor
+    cos, sin = _tables(rows, inv_freq, attention_factor, angle_precision)
+    return _rotate(x, cos, sin, layout)
+
+
+def apply_rope_qk(
+    q: jax.Array,
+    k: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array | None = None,
+    *,
+    base: float = 10000.0,
+    rotary_dim: int | None = None,
+    layout: str = "half",
+    scaling: RopeScaling | None = None,
+    inv_freq: np.ndarray | jax.Array | None = None,
+    seq_len: SeqLen = None,
+    angle_precision: str = "exact",
+) -> tuple[jax.Array, jax.Array]:
+    """`apply_rope` of queries and keys with one set of frequencies.
+
+    Length-dependent scalings read one `seq_len` for both (by default
+    `max(q_positions, k_positions) + 1`), so q and k never rotate with different
+    frequencies. `k_positions` defaults to `q_positions`; pass it when they differ
+    (KV-cache decoding, cross attention). `inv_freq` (learned frequencies) replaces
+    `base`, while `scaling` still supplies the attention factor.
+
+    Args:
+      q: `[B, Sq, Hq, D]` queries.
+      k: `[B, Sk, Hk, D]` keys (Hk may differ from Hq, as in grouped-query attention).
+      q_positions: `[Sq]` or `[B, Sq]`.
+      k_positions: `[Sk]` or `[B, Sk]`, default `q_positions`.
+      base, rotary_dim, layout, scaling, seq_len, angle_precision: as in `apply_rope`.
+      inv_freq: optional explicit `[rotary_dim/2]` frequencies.
+
+    Returns:
+      `(q_rot, k_rot)` with the shapes and dtypes of `q` and `k`.
+    """
+    q = _check_activations("q", q)
+    k = _check_activations("k", k)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share head_dim, got shapes {q.shape} and {k.shape}")
+    k_positions = q_positions if k_positions is None else k_positions
+    _position_rows("q_positions", q_positions, "q", q)
+    _position_rows("k_positions", k_positions, "k", k)
+    rotary_dim, static_freq, attention_factor = _frequencies_for(
+        rotary_dim, q.shape[-1], base, scaling, seq_len, [q_positions, k_positions]
+    )
+    inv_freq = static_freq if inv_freq is None else inv_freq
+    common = {"layout": layout, "angle_precision": angle_precision}
+    common.update(inv_freq=inv_freq, rotary_dim=rotary_dim, attention_factor=attention_factor)
+    return apply_rope(q, q_positions, **common), apply_rope(k, k_positions, **common)
+
+
+def rope_layout_permutation(
+    head_dim: int,
+    *,
+    rotary_dim: int | None = None,
+    source: str = "interleaved",
+    target: str = "half",
+) -> np.ndarray:
+    """Feature permutation that converts q/k weights from one RoPE layout to another.
+
+    With `perm = rope_layout_permutation(D, source="interleaved", target="half")`,
+    `apply_rope(x[..., perm], p, layout="half") == apply_rope(x, p,
+    layout="interleaved")[..., perm]`. Permuting the output features of both the query
+    and the key projection of every head therefore leaves every attention score
+    unchanged, so a checkpoint trained with one layout runs with the other:
+
+    * Dense kernel `[d_model, H * D]`:
+      `w.reshape(d_model, H, D)[..., perm].reshape(d_model, H * D)`.
+    * DenseGeneral kernel `[d_model, H, D]`: `w[..., perm]`; biases `[H, D]`: `b[..., perm]`.
+
+    Values and the output projection are untouched. Features past `rotary_dim` stay in
+    place.
+
+    Args:
+      head_dim: features per head.
+      rotary_dim: rotated features per head (default: all).
+      source: layout of the existing weights.
+      target: layout to convert to.
+
+    Returns:
+      `[head_dim]` int array of source feature indices.
+    """
+    head_dim = _checks.check_positive_int("head_dim", head_dim)
+    rotary_dim = _resolve_rotary_dim(rotary_dim, head_dim)
+    _checks.check_choice("source", source, ROPE_LAYOUTS)
+    _checks.check_choice("target", target, ROPE_LAYOUTS)
+    perm = np.arange(head_dim)
+    if source == target:
+        return perm
+    half_to_interleaved = np.arange(rotary_dim).reshape(2, rotary_dim // 2).T.reshape(-1)
+    interleaved_to_half = np.argsort(half_to_interleaved)
+    perm[:rotary_dim] = interleaved_to_half if target == "half" else half_to_interleaved
+    return perm
+
+
+# ------------------------------------------------------------------ multi-axis RoPE
+
+
+def apply_multi_axis_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    sections: Sequence[int],
+    *,
+    base: float = 10000.0,
+    rotary_dim: int | None = None,
+    layout: str = "half",
+    scaling: RopeScaling | None = None,
+    inv_freq: np.ndarray | None = None,
+    angle_precision: str = "exact",
+) -> jax.Array:
+    """RoPE over several position axes: 2-D image RoPE, Qwen2-VL M-RoPE.
+
+    The `rotary_dim/2` frequency bands are split, in order, into `len(sections)`
+    contiguous groups of `sections[a]` bands; group `a` rotates by the positions of axis
+    `a`. Qwen2-VL uses axes (temporal, height, width) with `sections=(16, 24, 24)` for
+    head_dim 128; for text tokens all three axes carry the token index and the result is
+    ordinary RoPE. For axial 2-D RoPE in which each axis sees the full range of
+    frequencies, pass `inv_freq=np.concatenate([f, f])` with
+    `f = rope_frequencies(rotary_dim // 2)[0]` and `sections=(n/2, n/2)`.
+
+    Args:
+      x: `[B, S, H, D]`.
+      positions: `[n_axes, S]` or `[n_axes, B, S]`.
+      sections: bands per axis, summing to `rotary_dim / 2`.
+      base, rotary_dim, layout, angle_precision: as in `apply_rope`.
+      scaling: a spec whose frequencies do not depend on the sequence length.
+      inv_freq: explicit static `[rotary_dim/2]` frequencies (replaces base/scaling).
+
+    Returns:
+      `[B, S, H, D]` array of `x.dtype`.
+    """
+    x = _check_activations("x", x)
+    _check_layout(layout)
+    positions = _checks.check_real_array("positions", positions)
+    _checks.check_rank("positions", positions, (2, 3))
+    if isinstance(sections, str) or not isinstance(sections, Sequence):
+        raise TypeError(f"sections must be a sequence of ints, got {sections!r}")
+    sections = tuple(_checks.check_positive_int("sections", s) for s in sections)
+    if len(sections) != positions.shape[0]:
+        raise ValueError(
+            f"sections {sections} has {len(sections)} entries but positions of shape "
+            f"{positions.shape} has {positions.shape[0]} axes"
+        )
+    if inv_freq is None:
+        _check_scaling(scaling)
+        if scaling is not None and scaling.depends_on_seq_len:
+            raise ValueError(
+                f"apply_multi_axis_rope needs a scaling independent of the sequence length, "
+                f"got {type(scaling).__name__}"
+            )
+        rotary_dim, inv_freq, attention_factor = _frequencies_for(
+            rotary_dim, x.shape[-1], base, scaling, None, []
+        )
+    else:
+        if scaling is not None or base != 10000.0:
+            raise ValueError("pass either inv_freq or base/scaling, not both")
+        inv_freq = np.asarray(inv_freq, dtype=np.float64)
+        _checks.check_rank("inv_freq", inv_freq, 1)
+        rotary_dim = _inv_freq_rotary_dim(inv_freq, rotary_dim, x)
+        attention_factor = 1.0
+    if sum(sections) != rotary_dim // 2:
+        raise ValueError(
+            f"sections must sum to rotary_dim / 2 = {rotary_dim // 2}, got {sections} "
+            f"(sum {sum(sections)})"
+        )
+    bounds = np.cumsum((0, *sections))
+    tables = [
+        _tables(
+            _position_rows("positions[axis]", positions[axis], "x", x),
+            inv_freq[bounds[axis] : bounds[axis + 1]],
+            attention_factor,
+            angle_precision,
+        )
+        for axis in range(len(sections))
+    ]
+    cos = jnp.concatenate([cos for cos, _ in tables], axis=-1)
+    sin = jnp.concatenate([sin for _, sin in tables], axis=-1)
+    return _rotate(x, cos, sin, layout)
+
+
+# ------------------------------------------------------------------ xPos
+
+
+def _xpos_log_zeta(rotary_dim: int) -> np.ndarray:
+    """ln zeta_i, zeta_i = (2i/d + gamma) / (1 + gamma) (Sun et al., 2022, eq. 9)."""
+    pair = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
+    return np.log((pair + XPOS_GAMMA) / (1.0 + XPOS_GAMMA))
+
+
+def apply_xpos(
+    q: jax.Array,
+    k: jax.Array,
+    positions: jax.Array,
+    *,
+    k_positions: jax.Array | None = None,
+    scale_base: float = 512.0,
+    causal: bool = True,
+    base: float = 10000.0,
+    rotary_dim: int | None = None,
+    layout: str = "half",
+    reference_position: int | None = None,
+    angle_precision: str = "exact",
+) -> tuple[jax.Array, jax.Array]:
+    """xPos (Sun et al., 2022): RoPE with an exponential decay in the distance.
+
+    Query pair `i` at position `n` is rotated as in RoPE and scaled by
+    `zeta_i^((n - c) / scale_base)`, key pair `i` at position `m` by
+    `zeta_i^(-(m - c) / scale_base)`, with `zeta_i = (2i/d + 0.4) / 1.4 < 1`. Their
+    product `zeta_i^((n - m) / scale_base)` depends only on `n - m` and decays with the
+    distance when `n >= m`, i.e. under a causal mask; for `n < m` it grows without
+    bound, so xPos is causal-only and `causal=False` raises.
+
+    The reference position `c` cancels in every score but keeps each factor finite: it
+    is computed in float32 from the exact integer offset `n - c` (never from `n` alone,
+    whose factor over- or underflows at long positions). By default `c` is the midpoint
+    of all query and key positions of each batch row. For KV-cache decoding the cached
+    keys must keep their scale, so pass a fixed `reference_position` for the whole
+    sequence. Factors stay finite as long as the positions in one call span less than
+    about 70k (float32/bf16 outputs) or 9k (float16 outputs) for `scale_base=512`.
+
+    Args:
+      q: `[B, Sq, Hq, D]` queries.
+      k: `[B, Sk, Hk, D]` keys.
+      positions: query positions `[Sq]` or `[B, Sq]` (integers).
+      k_positions: key positions `[Sk]` or `[B, Sk]`, default `positions`.
+      scale_base: the paper's B (512).
+      causal: must be True (see above).
+      base, rotary_dim, layout, angle_precision: as in `apply_rope`.
+      reference_position: fixed `c` (an int), or None for the per-row midpoint.
+
+    Returns:
+      `(q_scaled, k_scaled)` with the shapes and dtypes of `q` and `k`.
+    """
+    if not causal:
+        raise ValueError(
+            "xPos is causal-only: its key scale zeta^(-m/scale_base) grows without bound for "
+            "keys after the query, so bidirectional attention (causal=False) is refused"
+        )
+    q = _check_activations("q", q)
+    k = _check_activations("k", k)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share head_dim, got shapes {q.shape} and {k.shape}")
+    _check_layout(layout)
+    scale_base = _checks.check_positive_float("scale_base", scale_base)
+    k_positions = positions if k_positions is None else k_positions
+    q_rows = _checks.check_integer_array("positions", positions)
+    q_rows = _position_rows("positions", q_rows, "q", q)
+    k_rows = _checks.check_integer_array("k_positions", k_positions)
+    k_rows = _position_rows("k_positions", k_rows, "k", k)
+    rotary_dim, inv_freq, _ = _frequencies_for(rotary_dim, q.shape[-1], base, None, None, [])
+
+    if reference_position is None:
+        lowest = jnp.minimum(q_rows.min(axis=1), k_rows.min(axis=1)).astype(jnp.int32)
+        highest = jnp.maximum(q_rows.max(axis=1), k_rows.max(axis=1)).astype(jnp.int32)
+        reference = (lowest + (highest - lowest) // 2)[:, None]
+    else:
+        reference = jnp.int32(_checks.check_int("reference_position", reference_position))
+    log_zeta = jnp.asarray(_xpos_log_zeta(rotary_dim) / scale_base, jnp.float32)
+
+    def scaled_tables(rows: jax.Array, sign: float):
+        offset = (rows.astype(jnp.int32) - reference).astype(jnp.float32)
+        scale = jnp.exp(sign * offset[:, :, None, None] * log_zeta)
+        cos, sin = _tables(rows, inv_freq, 1.0, angle_precision)
+        return cos * scale, sin * scale
+
+    q_out = _rotate(q, *scaled_tables(q_rows, 1.0), layout)
+    k_out = _rotate(k, *scaled_tables(k_rows, -1.0), layout)
+    return q_out, k_out
+
+
+# ------------------------------------------------------------------ linen modules
+
+
+class RotaryEmbedding(nn.Module):
+    """Linen wrapper of `apply_rope_qk`: `__call__(q, k, positions, k_positions=None)`.
+
+    Per-layer settings (e.g. a larger `base` for global than for local layers) are just
+    different field values. With `learnable_frequencies=True` the frequencies become a
+    float32 parameter `inv_freq` `[rotary_dim/2]` initialised from `base`/`scaling`; the
+    scaling's attention factor stays fixed, and angles use the float32 product.
+
+    Attributes:
+      rotary_dim: rotated features per head (None: all of head_dim).
+      base: wavelength base.
+      layout: "half" or "interleaved".
+      scaling: spec from `jax_posenc.rope_scaling`, or None.
+      learnable_frequencies: make `inv_freq` a parameter.
+      seq_len: static length for length-dependent scalings (None: from the positions).
+      angle_precision: "exact" or "float32".
+    """
+
+    rotary_dim: int | None = None
+    base: float = 10000.0
+    layout: str = "half"
+    scaling: RopeScaling | None = None
+    learnable_frequencies: bool = False
+    seq_len: int | None = None
+    angle_precision: str = "exact"
+
+    @nn.compact
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        positions: jax.Array,
+        k_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        inv_freq = None
+        if self.learnable_frequencies:
+            rotary_dim = _resolve_rotary_dim(self.rotary_dim, jnp.shape(q)[-1])
+            inv_freq = self.param(
+                "inv_freq",
+                lambda _: initial_learned_frequencies(rotary_dim, self.base, self.scaling),
+            )
+        return apply_rope_qk(
+            q,
+            k,
+            positions,
+            k_positions,
+            base=self.base,
+            rotary_dim=self.rotary_dim,
+            layout=self.layout,
+            scaling=self.scaling,
+            inv_freq=inv_freq,
+            seq_len=self.seq_len,
+            angle_precision=self.angle_precision,
+        )
+
+
+def initial_learned_frequencies(
+    rotary_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None
+) -> jax.Array:
+    """float32 `[rotary_dim/2]` starting value of learnable frequencies."""
+    _check_scaling(scaling)
+    if scaling is not None and scaling.depends_on_seq_len:
+        raise ValueError(
+            "learnable frequencies cannot start from a scaling that depends on the sequence "
+            f"length, got {type(scaling).__name__}"
+        )
+    inv_freq, _ = rope_frequencies(rotary_dim, base=base, scaling=scaling)
+    return jnp.asarray(inv_freq, jnp.float32)
+
+
+class XPosEmbedding(nn.Module):
+    """Linen wrapper of `apply_xpos`: `__call__(q, k, positions, k_positions=None)`."""
+
+    scale_base: float = 512.0
+    rotary_dim: int | None = None
+    base: float = 10000.0
+    layout: str = "half"
+    reference_position: int | None = None
+    angle_precision: str = "exact"
+
+    @nn.compact
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        positions: jax.Array,
+        k_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        return apply_xpos(
+            q,
+            k,
+            positions,
+            k_positions=k_positions,
+            scale_base=self.scale_base,
+            base=self.base,
+            rotary_dim=self.rotary_dim,
+            layout=self.layout,
+            reference_position=self.reference_position,
+            angle_precision=self.angle_precision,
+        )

@@ -1,0 +1,411 @@
+"""Training loop: optax, orbax checkpoints and data parallelism over a device mesh.
+
+* Optimizer: AdamW (Loshchilov & Hutter, 2019) after global-norm gradient clipping,
+  with linear warmup and cosine decay. Weight decay applies to dense kernels only, not
+  to embeddings, norms or positional parameters, so rows of a learned position table
+  that training never reaches keep their initial values.
+* Data parallelism with `jax.sharding`: a 1-D `Mesh` with axis `data`; each global
+  batch is sharded along `data` and the train state is replicated. The same code runs on
+  one device, on several local devices, and on several hosts after
+  `jax.distributed.initialize()`: every process computes the same global batch (a pure
+  function of the seed and the step, see `jax_posenc.data.train_batch`) and hands its
+  own rows to `jax.make_array_from_process_local_data`.
+* Checkpoints: `orbax.checkpoint.CheckpointManager` saves the train state every
+  `checkpoint_every` steps and at the end; `train` resumes from the latest checkpoint
+  in its directory, so a killed run restarted with the same command continues where it
+  stopped and reproduces the uninterrupted run. The configuration is stored next to the
+  checkpoints and a restart with a different one is refused.
+* Metrics: JSON lines (`step`, `loss`, `grad_norm`, `learning_rate`, `tokens_per_s`),
+  and a tqdm progress bar showing the loss and tokens/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jax_posenc import _checks, data
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of `train` (static and hashable).
+
+    Attributes:
+      steps: number of optimizer steps.
+      batch_size: global batch size (sequences per step), divisible by the mesh size.
+      seq_len: training sequence length.
+      learning_rate: peak learning rate.
+      warmup_fraction: fraction of `steps` with linear warmup from 0.
+      final_lr_fraction: the cosine decay ends at `learning_rate * final_lr_fraction`.
+      weight_decay: AdamW decoupled weight decay (dense kernels only).
+      grad_clip: maximum global gradient norm.
+      b1: Adam first-moment decay.
+      b2: Adam second-moment decay.
+      seed: seeds both the parameter initialization and the data order.
+      checkpoint_every: steps between checkpoints (one is also written at the end).
+      log_every: steps between metric lines and progress-bar updates.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 128
+    learning_rate: float = 3e-3
+    warmup_fraction: float = 0.05
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
+            _checks.check_positive_int(name, getattr(self, name))
+        _checks.check_min_int("seed", self.seed, 0)
+        for name in ("learning_rate", "grad_clip"):
+            _checks.check_positive_float(name, getattr(self, name))
+        for name in ("warmup_fraction", "final_lr_fraction", "weight_decay", "b1", "b2"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds: `step` (int32 scalar), `params`, `opt_state`."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: the final state and the metric lines of this run."""
+
+    state: TrainState
+    history: list[dict[str, float]]
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine decay to the final fraction."""
+    warmup = max(1, round(config.warmup_fraction * config.steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(config.steps, warmup + 1),
+        end_value=config.learning_rate * config.final_lr_fraction,
+    )
+
+
+def decay_mask(params) -> Any:
+    """True for the leaves AdamW decays: dense kernels (parameters named `kernel`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping followed by AdamW on the warmup + cosine schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.b1,
+            b2=config.b2,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis `data` over `devices` (all devices of all processes if None)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _check_divisible(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size={batch_size} must be divisible by the number of devices in the "
+            f"mesh ({mesh.size}) for data parallelism"
+        )
+
+
+def shard_batch(global_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Places a host-side global batch `[B, ...]` on `mesh`, rows sharded over `data`.
+
+    Every process passes the same global batch and contributes only its own rows, so this
+    is also correct with several hosts (after `jax.distributed.initialize()`).
+    """
+    _check_divisible(global_batch.shape[0], mesh)
+    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    rows = global_batch.shape[0] // jax.process_count()
+    start = jax.process_index() * rows
+    return jax.make_array_from_process_local_data(
+        sharding, global_batch[start : start + rows], global_batch.shape
+    )
+
+
+def next_token_losses(model: nn.Module, params, windows: jax.Array) -> jax.Array:
+    """Cross-entropy of each next-token prediction, float32 `[B, L]`.
+
+    Args:
+      model: a `Transformer` (anything mapping `[B, L]` tokens to `[B, L, V]` logits).
+      params: its variables.
+      windows: integer `[B, L + 1]`; inputs are `[:, :-1]`, targets `[:, 1:]`.
+    """
+    logits = model.apply(params, windows[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
+
+
+# Models, configs and meshes are hashable, so the jitted functions below are built once
+# per combination and their compiled executables are reused by later `train` calls
+# (a resumed run, or evaluation at a length already seen).
+_jit_cache = functools.lru_cache(maxsize=64)
+
+
+@_jit_cache
+def _init_fn(model: nn.Module, config: TrainConfig, mesh: Mesh):
+    optimizer = make_optimizer(config)
+
+    def init():
+        dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+        params = model.init(jax.random.key(config.seed), dummy)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def init_state(model: nn.Module, config: TrainConfig, mesh: Mesh) -> TrainState:
+    """Initializes parameters (seeded by `config.seed`) and optimizer state, replicated."""
+    return _init_fn(model, config, mesh)()
+
+
+@_jit_cache
+def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
+    """A jitted `step(state, batch) -> (state, metrics)` with the batch sharded on `data`.
+
+    The loss is the mean over the global batch, so gradients (an all-reduce that XLA
+    inserts from the shardings) equal those of single-device training.
+    """
+    optimizer = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+
+    def step(state: TrainState, batch: jax.Array):
+        def loss_fn(params):
+            return next_token_losses(model, params, batch).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+@_jit_cache
+def _total_loss_fn(model: nn.Module, mesh: Mesh):
+    """Jitted `(params, windows, weights) -> sum of weighted per-window mean losses`."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def total_loss(params, batch, weights):
+        return (next_token_losses(model, params, batch).mean(axis=1) * weights).sum()
+
+    return jax.jit(
+        total_loss, in_shardings=(replicated, sharded, sharded), out_shardings=replicated
+    )
+
+
+def evaluate(
+    model: nn.Module, params, windows: np.ndarray, *, batch_size: int, mesh: Mesh
+) -> float:
+    """Mean next-token loss (nats per token) over all `windows` `[N, L + 1]`.
+
+    Windows are processed `batch_size` at a time (at most all of them, rounded up to a
+    multiple of the mesh size); the last batch is padded with zero-weight rows.
+    """
+    batch_size = min(_checks.check_positive_int("batch_size", batch_size), len(windows))
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    total_loss = _total_loss_fn(model, mesh)
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        weights = np.zeros(batch_size, np.float32)
+        weights[: len(chunk)] = 1.0
+        padding = np.zeros((batch_size - len(chunk), windows.shape[1]), windows.dtype)
+        chunk = np.concatenate([chunk, padding])
+        total += float(total_loss(params, shard_batch(chunk, mesh), shard_batch(weights, mesh)))
+    return total / len(windows)
+
+
+def _config_record(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    return json.loads(
+        json.dumps({"model": repr(model), "train": dataclasses.asdict(config)}, default=repr)
+    )
+
+
+def _check_same_config(directory: Path, record: dict[str, Any]) -> None:
+    path = directory / "train_config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != record:
+            changed = [
+                f"train.{key}"
+                for key, value in record["train"].items()
+                if saved["train"].get(key) != value
+            ]
+            if saved["model"] != record["model"]:
+                changed.append("model")
+            raise ValueError(
+                f"checkpoint directory {str(directory)!r} holds a run with a different "
+                f"configuration (differs in: {', '.join(changed)}); use another directory "
+                "or the same configuration to resume"
+            )
+    elif jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keeps the metric lines up to `last_step`: a resumed run rewrites what follows."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(
+    model: nn.Module,
+    config: TrainConfig,
+    tokens: np.ndarray,
+    *,
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+    description: str = "train",
+    callback: Callable[[int, dict[str, jax.Array]], None] | None = None,
+) -> TrainResult:
+    """Trains `model` on random windows of `tokens`, resuming from `checkpoint_dir`.
+
+    Args:
+      model: a `Transformer` (or any linen module mapping tokens to logits).
+      config: hyperparameters.
+      tokens: `[N]` training byte stream (see `jax_posenc.data`).
+      mesh: device mesh with a `data` axis; all devices when None.
+      checkpoint_dir: where orbax checkpoints go; the latest one is restored first.
+        None disables checkpointing.
+      metrics_path: JSON-lines file for metrics (rewritten from the resumed step on).
+      progress: show a tqdm progress bar (process 0 only).
+      description: progress-bar label.
+      callback: called as `callback(step, metrics)` after every step (step counted
+        from 1); an exception raised there stops training like a crash would.
+
+    Returns:
+      The final `TrainState` and the metric lines logged by this call.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    _check_divisible(config.batch_size, mesh)
+    if checkpoint_dir is not None:
+        directory = Path(checkpoint_dir).absolute()
+        _check_same_config(directory, _config_record(model, config))
+    state = init_state(model, config, mesh)
+    manager = None
+    if checkpoint_dir is not None:
+        manager = ocp.CheckpointManager(
+            directory / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+        )
+        if manager.latest_step() is not None:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+            state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    start = int(state.step)
+    is_main = jax.process_index() == 0
+    metrics_file = Path(metrics_path) if metrics_path is not None and is_main else None
+    if metrics_file is not None:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_file, start)
+
+    train_step = make_train_step(model, config, mesh)
+    history: list[dict[str, float]] = []
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=description,
+        disable=not (progress and is_main),
+        dynamic_ncols=True,
+    )
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start, config.steps):
+            batch = data.train_batch(
+                tokens,
+                step=step,
+                batch_size=config.batch_size,
+                seq_len=config.seq_len,
+                seed=config.seed,
+            )
+            state, metrics = train_step(state, shard_batch(batch, mesh))
+            done = step + 1
+            if callback is not None:
+                callback(done, metrics)
+            if done % config.log_every == 0 or done == config.steps:
+                line = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+                now = time.perf_counter()
+                line["tokens_per_s"] = (
+                    (done - tick_step) * config.batch_size * config.seq_len / (now - tick)
+                )
+                tick, tick_step = now, done
+                history.append(line)
+                if not math.isfinite(line["loss"]):
+                    raise FloatingPointError(f"loss became {line['loss']} at step {done}")
+                bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
+                if metrics_file is not None:
+                    with metrics_file.open("a") as handle:
+                        handle.write(json.dumps(line) + "\n")
+            bar.update(1)
+            if manager is not None and (
+                done % config.checkpoint_every == 0 or done == config.steps
+            ):
+                manager.save(done, args=ocp.args.StandardSave(state))
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return TrainResult(state, history)

@@ -1,0 +1,320 @@
+"""Tests for the benchmark runner (`jax_posenc.benchmarking`) and the hand-written baselines.
+
+The runner is checked on tiny cases (a few milliseconds each): its statistics against
+hand-computed values, the power-law fit on synthetic data, and the files it writes. The
+tutorial forms in `benchmarks/tutorial.py` are checked against float64 formulas from
+the papers, so a `÷ tutorial` ratio compares implementations of the same maths.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import sinusoidal_reference
+
+from jax_posenc import benchmarking, cli
+from jax_posenc.benchmarking import Case, Settings
+
+# benchmarks/ is a folder of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import tutorial
+
+FAST = Settings(warmup=1, repeats=3, min_repeats=3, min_sample_s=0.0, max_case_s=1.0)
+SHAPE = (64, 128)
+
+
+def _ones(shape=SHAPE, dtype=jnp.float32):
+    return lambda: (jnp.ones(shape, dtype),)
+
+
+def _copy_case(shape=SHAPE):
+    return Case(
+        name=f"copy/{shape}",
+        group="reference",
+        fn=jnp.copy,
+        make_args=_ones(shape),
+        memory_bound=True,
+    )
+
+
+def _double_case(**overrides):
+    fields = dict(
+        name="double",
+        group="toy",
+        fn=lambda x: 2.0 * x,
+        make_args=_ones(),
+        references=(("copy", _copy_case()),),
+        memory_bound=True,
+    )
+    return Case(**{**fields, **overrides})
+
+
+def test_measure_reports_time_memory_bandwidth_and_paired_ratio():
+    record = benchmarking.measure(_double_case(items=10, item_unit="rows", flops=8192), FAST)
+    nbytes = math.prod(SHAPE) * 4
+    timing = record["time"]
+    assert timing["repeats"] == 3
+    assert timing["min_s"] <= timing["q25_s"] <= timing["median_s"] <= timing["q75_s"]
+    assert record["compile_s"] > 0
+    assert record["memory"]["argument_bytes"] == nbytes
+    assert record["memory"]["output_bytes"] == nbytes
+    assert record["bytes_moved"] == 2 * nbytes
+    assert record["bandwidth_bytes_per_s"] == pytest.approx(2 * nbytes / timing["median_s"])
+    assert record["items_per_s"] == pytest.approx(10 / timing["median_s"])
+    assert record["flops_per_s"] == pytest.approx(8192 / timing["median_s"])
+    copy = record["references"]["copy"]
+    assert copy["time"]["repeats"] == 3
+    assert copy["ratio_q25"] <= copy["ratio"] <= copy["ratio_q75"]
+    assert "error" not in record and "skipped" not in record
+
+
+def test_summarize_matches_hand_computed_quartiles():
+    stats = benchmarking.summarize([4.0, 1.0, 100.0, 3.0, 2.0])
+    assert (stats["min_s"], stats["q25_s"], stats["median_s"]) == (1.0, 2.0, 3.0)
+    assert (stats["q75_s"], stats["max_s"], stats["repeats"]) == (4.0, 100.0, 5)
+
+
+def test_paired_ratio_is_median_of_sample_by_sample_ratios():
+    # ratios 2, 2, 3: the median of the pairs, not median(a) / median(b) = 4 / 2.
+    ratio = benchmarking.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])
+    assert ratio["ratio"] == 2.0
+    with pytest.raises(ValueError, match="same non-zero length"):
+        benchmarking.paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_io_bytes_counts_inputs_and_outputs():
+    def fn(x, y):
+        return x.sum(), jnp.concatenate([y, y])
+
+    args = (jnp.ones((3, 5), jnp.float32), jnp.ones((7,), jnp.bfloat16))
+    assert benchmarking.io_bytes(fn, args) == 15 * 4 + 7 * 2 + 4 + 14 * 2
+
+
+def test_fit_power_law_recovers_exponent_from_synthetic_data():
+    sizes = 2.0 ** np.arange(10, 15)
+    fit = benchmarking.fit_power_law(sizes, 3.0 * sizes**1.5)
+    assert fit["exponent"] == pytest.approx(1.5, abs=1e-12)
+    assert fit["coefficient"] == pytest.approx(3.0, rel=1e-9)
+    assert fit["max_relative_deviation"] < 1e-9
+    noise = 1.0 + 0.05 * np.random.default_rng(0).uniform(-1, 1, sizes.size)
+    noisy = benchmarking.fit_power_law(sizes, 7.0 * sizes**2 * noise)
+    assert noisy["exponent"] == pytest.approx(2.0, abs=0.05)
+    assert noisy["max_relative_deviation"] < 0.1
+
+
+def test_fit_power_law_rejects_unusable_points():
+    with pytest.raises(ValueError, match="two distinct sizes"):
+        benchmarking.fit_power_law([1024, 1024], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        benchmarking.fit_power_law([1024, 2048], [1.0, 0.0])
+
+
+def test_fit_series_fits_memory_and_time_per_series():
+    def record(series, size, memory, seconds):
+        time_stats = {"median_s": seconds} if seconds else {}
+        return {
+            "group": "toy",
+            "series": series,
+            "size": size,
+            "memory": {"total_bytes": memory},
+            **({"time": time_stats} if time_stats else {}),
+        }
+
+    sizes = (1024, 2048, 4096)
+    records = [record("linear", s, 10 * s, 1e-9 * s * s) for s in sizes]
+    records += [record("quadratic", s, s * s, None) for s in sizes]
+    fits = {(f["series"], f["quantity"]): f for f in benchmarking.fit_series(records)}
+    assert fits["linear", "memory"]["exponent"] == pytest.approx(1.0)
+    assert fits["linear", "time"]["exponent"] == pytest.approx(2.0)
+    assert fits["quadratic", "memory"]["exponent"] == pytest.approx(2.0)
+    assert ("quadratic", "time") not in fits  # never timed: no points to fit
+
+
+def test_program_over_memory_budget_is_compiled_but_not_run():
+    settings = Settings(warmup=1, repeats=3, min_sample_s=0.0, memory_budget_bytes=1)
+    record = benchmarking.measure(_double_case(), settings)
+    assert "time" not in record and "not run" in record["skipped"]
+    assert record["memory"]["total_bytes"] > 1
+    assert "ratio" not in record["references"]["copy"]
+
+
+def test_broken_case_is_reported_not_raised():
+    def broken(x):
+        raise TypeError("wrong argument")
+
+    record = benchmarking.measure(_double_case(fn=broken), FAST)
+    assert record["error"] == "TypeError: wrong argument"
+
+
+def test_listed_reference_gets_its_own_row_once():
+    listed = Case(name="listed", group="toy", fn=jnp.negative, make_args=_ones(), listed=True)
+    cases = [_double_case(name=f"double{i}", references=(("listed", listed),)) for i in range(2)]
+    document = benchmarking.run_suite(cases, FAST, mode="quick", log=lambda _: None)
+    assert [r["name"] for r in document["results"]] == ["listed", "double0", "double1"]
+    assert "ratio" not in document["results"][0]
+    with pytest.raises(ValueError, match="unique"):
+        benchmarking.run_suite(cases[:1] * 2, FAST, mode="quick", log=lambda _: None)
+
+
+def _toy_document():
+    cases = [_double_case()]
+    for size in (64, 128):
+        cases.append(
+            Case(
+                name=f"square/{size}",
+                group="curve",
+                fn=lambda x: x @ x,
+                make_args=_ones((size, size)),
+                series="square",
+                size=size,
+            )
+        )
+    return benchmarking.run_suite(
+        cases, FAST, mode="quick", groups={"toy": "A toy group."}, log=lambda _: None
+    )
+
+
+def test_outputs_are_json_markdown_and_plot(tmp_path):
+    document = _toy_document()
+    paths = benchmarking.write_outputs(document, tmp_path)
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(document))
+    markdown = paths["md"].read_text()
+    env = document["environment"]
+    assert env["machine"] in markdown and env["jax"] == jax.__version__
+    assert "A toy group." in markdown
+    assert "| `double` |" in markdown and "÷ copy" in markdown
+    assert "`square`: memory ~ size^" in markdown
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    section = benchmarking.performance_section(document)
+    assert section.startswith("## Performance") and env["machine"] in section
+    assert benchmarking.latest_results(tmp_path) == paths["json"]
+    (tmp_path / "bench-full.json").write_text(paths["json"].read_text())
+    assert benchmarking.latest_results(tmp_path).name == "bench-full.json"
+
+
+def test_cli_lists_cases_and_regenerates_the_section(tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--list", "--only", "^sinusoidal/"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed and all(line.startswith("sinusoidal/") for line in listed)
+    results = benchmarking.write_outputs(_toy_document(), tmp_path)["json"]
+    assert cli.main(["bench", "--section", str(results), "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("## Performance")
+    assert (tmp_path / "performance.md").read_text().startswith("## Performance")
+
+
+def test_settings_for_mode_and_validation():
+    assert Settings.for_mode("quick").repeats < Settings.for_mode("full").repeats
+    assert Settings.for_mode("full", repeats=4, warmup=None).repeats == 4
+    with pytest.raises(ValueError, match="mode"):
+        Settings.for_mode("slow")
+    with pytest.raises(ValueError, match="repeats"):
+        Settings(repeats=2, min_repeats=3)
+
+
+def test_peak_bandwidth_lookup():
+    assert benchmarking.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert benchmarking.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert benchmarking.peak_bandwidth("cpu") is None
+
+
+def _suite_functions(cases):
+    """Every case and reference once, by name."""
+    functions = {}
+    for case in cases:
+        for function in (case, *(ref for _, ref in case.references)):
+            functions.setdefault(function.name, function)
+    return functions.values()
+
+
+def test_every_quick_case_traces_against_the_current_api():
+    suite = benchmarking.load_suite()
+    for case in _suite_functions(suite.build_cases("quick")):
+        args = jax.eval_shape(lambda case=case: tuple(case.make_args()))
+        jax.eval_shape(case.fn, *args)
+
+
+def test_gpu_cases_add_cudnn_references(monkeypatch):
+    suite = benchmarking.load_suite()
+    monkeypatch.setattr(suite, "_on_gpu", lambda: True)
+    cases = suite.build_cases("quick")
+    attention = [case for case in cases if case.group == "attention"]
+    assert attention and all(
+        [label for label, _ in case.references] == ["xla", "cudnn"] for case in attention
+    )
+    alibi = [case for case in cases if case.name.startswith("bias/alibi/")]
+    assert alibi and all("cudnn" in dict(case.references) for case in alibi)
+    assert suite.attention_dtype() == jnp.bfloat16 and not suite.notes()
+
+
+# ------------------------------------------------------------------ tutorial baselines
+
+
+def _rope_reference(x, positions, pairs, base=10000.0):
+    """float64 RoPE (Su et al. 2021, eq. 34): rotate feature pairs by angle p * base^(-2i/D)."""
+    x = np.asarray(x, np.float64)
+    dim = x.shape[-1]
+    theta = base ** (-np.arange(dim // 2) * 2.0 / dim)
+    angles = np.asarray(positions, np.float64)[:, :, None, None] * theta
+    first, second = pairs(dim)
+    a, b = x[..., first], x[..., second]
+    out = np.empty_like(x)
+    out[..., first] = a * np.cos(angles) - b * np.sin(angles)
+    out[..., second] = a * np.sin(angles) + b * np.cos(angles)
+    return out
+
+
+def _half_pairs(dim):
+    return np.arange(dim // 2), np.arange(dim // 2) + dim // 2
+
+
+def _interleaved_pairs(dim):
+    return np.arange(0, dim, 2), np.arange(1, dim, 2)
+
+
+@pytest.mark.parametrize(
+    ("form", "pairs"),
+    [(tutorial.rope_rotate_half, _half_pairs), (tutorial.rope_complex, _interleaved_pairs)],
+)
+def test_tutorial_rope_forms_match_the_paper(form, pairs):
+    x = jax.random.normal(jax.random.key(0), (2, 50, 3, 16))
+    positions = jnp.stack([jnp.arange(50), jnp.arange(50) + 7])
+    got = jax.jit(form)(x, positions)
+    np.testing.assert_allclose(got, _rope_reference(x, positions, pairs), atol=2e-4)
+
+
+def test_tutorial_partial_rope_rotates_only_the_first_features():
+    x = jax.random.normal(jax.random.key(1), (1, 30, 2, 16))
+    positions = jnp.arange(30)[None]
+    got = jax.jit(tutorial.rope_partial, static_argnums=2)(x, positions, 8)
+    np.testing.assert_allclose(
+        got[..., :8], _rope_reference(x[..., :8], positions, _half_pairs), atol=2e-4
+    )
+    np.testing.assert_array_equal(got[..., 8:], x[..., 8:])
+
+
+def test_tutorial_sinusoidal_table_matches_reference():
+    positions = np.arange(512)
+    got = jax.jit(tutorial.sinusoidal_table, static_argnums=1)(jnp.asarray(positions), 64)
+    np.testing.assert_allclose(got, sinusoidal_reference(positions, 64), atol=1e-4)
+
+
+def test_tutorial_alibi_attention_matches_float64_attention():
+    length, heads, dim = 20, 4, 8
+    q, k, v = (
+        np.asarray(jax.random.normal(jax.random.key(i), (1, length, heads, dim))) for i in range(3)
+    )
+    slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)  # Press et al. 2022, H = 4
+    distance = np.arange(length)[None, :] - np.arange(length)[:, None]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim)
+    logits = logits - slopes[:, None, None] * np.abs(distance)
+    logits = np.where(distance > 0, -np.inf, logits)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
+    got = jax.jit(tutorial.alibi_attention)(q, k, v)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -1,0 +1,201 @@
+"""Tests for the decoder-only transformer: causality, packing, implementations, registry use."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_posenc as pe
+from jax_posenc import registry
+from jax_posenc.model import Transformer, TransformerConfig
+
+ENCODINGS = pe.available_encodings()
+# Combinations: an absolute part with two summed biases, and two summed relative terms.
+COMBINATIONS = ("learned+alibi+t5", "shaw+transformer_xl")
+IMPLEMENTATIONS = ("xla", "blockwise")
+
+
+def tiny_config(encoding: str, **overrides) -> TransformerConfig:
+    settings = dict(
+        encoding=encoding, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        max_positions=64, block_size=8,
+    )  # fmt: skip
+    return TransformerConfig(**{**settings, **overrides})
+
+
+def init(config: TransformerConfig, seed: int = 0):
+    """The model and random parameters (any finite values will do for these properties).
+
+    Shapes come from `jax.eval_shape`, values from NumPy, so no initializer is compiled
+    and zero-initialized positional terms (e.g. a T5 table) are non-zero here.
+    """
+    model = Transformer(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(leaf.dtype)
+        if path[-1].key == "scale":
+            return 1.0 + 0.1 * noise
+        return noise / np.sqrt(leaf.shape[0] if leaf.ndim else 4.0)
+
+    return model, jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS + COMBINATIONS)
+def test_no_logit_depends_on_a_later_token_and_implementations_agree(encoding):
+    """Changing token t never changes logits before t, for both attention implementations.
+
+    The same batch also checks that blockwise attention and bfloat16 compute give the
+    logits of float32 XLA attention.
+    """
+    length = 16
+    _, params = init(tiny_config(encoding))
+    tokens = jax.random.randint(jax.random.key(2), (1, length), 0, 256)
+    # Row 0 is the original; row t + 1 changes token t only. One batch, so every row
+    # goes through exactly the same arithmetic.
+    variants = jnp.tile(tokens, (length + 1, 1))
+    variants = variants.at[jnp.arange(1, length + 1), jnp.arange(length)].add(1) % 256
+    models = [Transformer(tiny_config(encoding, attention=i)) for i in IMPLEMENTATIONS]
+    models.append(Transformer(tiny_config(encoding, dtype="bfloat16")))
+    xla, blockwise, bf16 = map(
+        np.asarray, jax.jit(lambda p, t: [m.apply(p, t) for m in models])(params, variants)
+    )
+    for implementation, logits in zip(IMPLEMENTATIONS, (xla, blockwise), strict=True):
+        base, changed = logits[0], logits[1:]
+        for t in range(length):
+            message = f"{implementation}: token {t}"
+            np.testing.assert_array_equal(changed[t, :t], base[:t], err_msg=message)
+            assert np.abs(changed[t, t] - base[t]).max() > 1e-4, f"{message} changed nothing"
+    np.testing.assert_allclose(blockwise, xla, atol=2e-5)
+    assert bf16.dtype == np.float32
+    # bf16 keeps 8 bits of mantissa: relative error ~0.4% per operation.
+    assert np.abs(bf16 - xla).max() < 0.05 * np.abs(xla).max()
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_packed_documents_get_the_logits_they_get_alone(encoding):
+    config = tiny_config(encoding)
+    _, params = init(config)
+    doc_a, doc_b, junk = (
+        jax.random.randint(jax.random.key(i), (n,), 0, 256) for i, n in ((3, 5), (4, 11), (5, 5))
+    )
+    # Row 0 packs A then B. Rows 1 and 2 start with B and A alone (what follows them
+    # cannot matter: causality), so B's and A's logits must match row 0's.
+    tokens = jnp.stack(
+        [jnp.concatenate(p) for p in ((doc_a, doc_b), (doc_b, junk), (doc_a, doc_b))]
+    )
+    segment_ids = jnp.asarray([[0] * 5 + [1] * 11, [0] * 11 + [1] * 5, [0] * 16])
+    model = Transformer(config)
+    logits = jax.jit(model.apply)(params, tokens, segment_ids=segment_ids)
+    np.testing.assert_allclose(logits[0, 5:], logits[1, :11], atol=2e-5)
+    np.testing.assert_allclose(logits[0, :5], logits[2, :5], atol=2e-5)
+
+
+def test_default_positions_are_arange():
+    model, params = init(tiny_config("learned"))
+    tokens = jax.random.randint(jax.random.key(6), (2, 10), 0, 256)
+    positions = jnp.asarray([np.arange(10), np.arange(10) + 3])
+    default, explicit = jax.jit(
+        lambda p, t, positions: (model.apply(p, t), model.apply(p, t, positions))
+    )(params, tokens, positions)
+    np.testing.assert_allclose(default[0], explicit[0], atol=1e-6)
+    assert np.abs(default[1] - explicit[1]).max() > 1e-4
+
+
+class _SelfOnlyBias(nn.Module):
+    """A toy logit bias: -1e9 unless the key is the query itself."""
+
+    def bias_fn(self):
+        def bias_fn(q_positions, k_positions):
+            same = q_positions[:, None, :, None] == k_positions[:, None, None, :]
+            return jnp.where(same, 0.0, -1e9)
+
+        return bias_fn
+
+
+def test_model_reads_positional_terms_only_from_the_registry(monkeypatch):
+    toy = pe.Encoding(name="self_only", description="toy", logit_bias=lambda spec: _SelfOnlyBias())
+    monkeypatch.setitem(registry._REGISTRY, "self_only", toy)
+    model, params = init(tiny_config("self_only"))
+    tokens = jax.random.randint(jax.random.key(7), (1, 12), 0, 256)
+    tokens = jnp.concatenate([tokens, tokens.at[0, 4].add(1) % 256])
+    a, b = np.asarray(jax.jit(model.apply)(params, tokens))
+    # Each position attends only to itself, so only position 4 may change.
+    np.testing.assert_array_equal(np.delete(a, 4, axis=0), np.delete(b, 4, axis=0))
+    assert np.abs(a[4] - b[4]).max() > 1e-4
+
+
+def test_combined_biases_add_up():
+    """With a zero T5 table, "alibi+t5" is exactly "alibi"; a constant T5 table adds a
+    softmax-invariant shift only, so still "alibi"; a varying one changes the logits."""
+    combined, params = init(tiny_config("alibi+t5"))
+    alone = Transformer(tiny_config("alibi"))
+    tokens = jax.random.randint(jax.random.key(8), (2, 12), 0, 256)
+    tables = {}
+    for layer in ("layers_0", "layers_1"):
+        table = params["params"][layer]["attention"].pop("t5_logit_bias")
+        tables[layer] = jax.tree.map(jnp.zeros_like, table)
+    alone_logits = alone.apply(params, tokens)
+
+    def with_t5(value):
+        tree = jax.tree.map(lambda x: x, params)
+        for layer, table in tables.items():
+            tree["params"][layer]["attention"]["t5_logit_bias"] = jax.tree.map(
+                lambda x: x + value, table
+            )
+        return combined.apply(tree, tokens)
+
+    np.testing.assert_array_equal(with_t5(0.0), alone_logits)
+    np.testing.assert_allclose(with_t5(3.0), alone_logits, atol=2e-5)
+    assert np.abs(with_t5(jnp.linspace(-3, 3, 32)[:, None]) - alone_logits).max() > 1e-3
+
+
+def test_config_is_hashable_and_keeps_encoding_options():
+    config = tiny_config("sinusoidal", encoding_options={"sinusoidal": {"base": 100.0}})
+    assert hash(config) == hash(dataclasses.replace(config))
+    assert config.options == {"sinusoidal": {"base": 100.0}}
+    assert config.encoding_spec().options == {"sinusoidal": {"base": 100.0}}
+
+
+def test_encoding_options_reach_the_factory():
+    config = tiny_config("sinusoidal", encoding_options={"sinusoidal": {"base": 100.0}})
+    model, params = init(config)
+    default = Transformer(tiny_config("sinusoidal"))
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    ours, theirs = jax.jit(lambda p: (model.apply(p, tokens), default.apply(p, tokens)))(params)
+    assert np.abs(ours - theirs).max() > 1e-4
+    with pytest.raises(ValueError, match="not understood by encoding 'sinusoidal'"):
+        init(tiny_config("sinusoidal", encoding_options={"sinusoidal": {"bass": 1.0}}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"encoding": "rotary-ish"}, ValueError, "unknown encoding 'rotary-ish'"),
+        ({"d_model": 30}, ValueError, "d_model=30 must be divisible by num_heads=4"),
+        ({"num_kv_heads": 3}, ValueError, "num_heads=4 must be divisible by num_kv_heads=3"),
+        ({"norm": "batchnorm"}, ValueError, "norm must be one of"),
+        ({"dtype": "float16"}, ValueError, "dtype must be one of"),
+        ({"num_layers": 0}, ValueError, "num_layers must be a positive integer"),
+        ({"encoding_options": {"rope": 1}}, TypeError, r"encoding_options\['rope'\]"),
+    ],
+)
+def test_config_rejects_bad_settings(overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny_config(**{"encoding": "none", **overrides})
+
+
+def test_positions_outside_the_configured_range_are_refused():
+    model, params = init(tiny_config("none"))
+    with pytest.raises(ValueError, match="length 65 but the model was configured for"):
+        model.apply(params, jnp.zeros((1, 65), jnp.int32))
+    with pytest.raises(ValueError, match=r"got values in \[60, 69\]"):
+        model.apply(params, jnp.zeros((1, 10), jnp.int32), jnp.arange(60, 70))
+    with pytest.raises(ValueError, match=r"positions must have shape \[10\] or \[2 or 1, 10\]"):
+        model.apply(params, jnp.zeros((2, 10), jnp.int32), jnp.arange(9))
+    with pytest.raises(TypeError, match="tokens must have an integer dtype"):
+        model.apply(params, jnp.zeros((1, 10)))

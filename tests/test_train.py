@@ -1,0 +1,215 @@
+"""Tests for the training loop: learning, schedule, checkpoint resume, data parallelism."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_posenc as pe
+from jax_posenc import data, train
+from jax_posenc.model import Transformer, TransformerConfig
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load_corpus(train_bytes=100_000, heldout_bytes=10_000)
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats) of the byte frequencies: the best loss without any context."""
+    p = np.bincount(tokens, minlength=256) / tokens.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.parametrize("encoding", pe.available_encodings())
+def test_tiny_model_learns_for_every_encoding(encoding, corpus):
+    model = Transformer(
+        TransformerConfig(
+            encoding=encoding, d_model=32, num_layers=1, num_heads=2, max_positions=32
+        )
+    )
+    config = train.TrainConfig(
+        steps=40, batch_size=8, seq_len=32, learning_rate=1e-2, warmup_fraction=0.1, log_every=1
+    )
+    result = train.train(model, config, corpus.train, progress=False)
+    losses = np.array([line["loss"] for line in result.history])
+    assert len(losses) == 40 and np.isfinite(losses).all()
+    # Starts near uniform over bytes (ln 256 = 5.55) and ends clearly below the best
+    # context-free predictor, so the model uses the preceding bytes.
+    assert losses[0] > math.log(256) - 0.5
+    assert losses[-5:].mean() < losses[0] - 2.0
+    assert losses[-5:].mean() < unigram_entropy(corpus.train) - 0.3
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine():
+    config = train.TrainConfig(steps=100, learning_rate=1.0, warmup_fraction=0.1)
+    schedule = train.learning_rate_schedule(config)
+    for step in (0, 5, 10):
+        np.testing.assert_allclose(schedule(step), step / 10, rtol=1e-6)
+    for step in (10, 40, 75, 100):
+        progress = (step - 10) / 90
+        expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        np.testing.assert_allclose(schedule(step), expected, rtol=1e-5)
+
+
+def test_weight_decay_applies_to_dense_kernels_only():
+    model = Transformer(TransformerConfig(encoding="learned", d_model=16, num_heads=2))
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    mask = jax.tree_util.tree_flatten_with_path(train.decay_mask(params))[0]
+    decayed = {jax.tree_util.keystr(path) for path, flag in mask if flag}
+    assert decayed and all(path.endswith("['kernel']") for path in decayed)
+    assert not any("embedding" in path for path in decayed)
+
+
+def test_evaluate_is_the_mean_loss_over_all_windows(corpus):
+    model = Transformer(TransformerConfig(encoding="sinusoidal", d_model=16, num_heads=2))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    windows = data.eval_windows(corpus.heldout, seq_len=8, num_tokens=8 * 11)  # 11 windows
+    mesh = train.data_mesh()
+    got = train.evaluate(model, params, windows, batch_size=4, mesh=mesh)
+    # A batch larger than the number of windows is one padded batch.
+    np.testing.assert_allclose(
+        train.evaluate(model, params, windows, batch_size=64, mesh=mesh), got, rtol=1e-6
+    )
+    logits = np.asarray(jax.jit(model.apply)(params, windows[:, :-1]), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(log_probs, windows[:, 1:, None], -1).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+class Killed(Exception):
+    pass
+
+
+# Shared by the checkpoint tests, so they compile the model once.
+RESUME_MODEL = Transformer(
+    TransformerConfig(encoding="learned", d_model=16, num_layers=1, num_heads=2, max_positions=16)
+)
+RESUME_CONFIG = train.TrainConfig(
+    steps=12, batch_size=4, seq_len=16, checkpoint_every=4, log_every=1, learning_rate=1e-2
+)
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_run(tmp_path, corpus):
+    model, config = RESUME_MODEL, RESUME_CONFIG
+    uninterrupted = train.train(model, config, corpus.train, progress=False)
+
+    def kill_after_step_7(step, metrics):
+        if step == 7:
+            raise Killed
+
+    run = dict(checkpoint_dir=tmp_path / "run", metrics_path=tmp_path / "run" / "metrics.jsonl")
+    with pytest.raises(Killed):
+        train.train(model, config, corpus.train, progress=False, callback=kill_after_step_7, **run)
+    # Restarting the same command continues from the checkpoint of step 4.
+    resumed = train.train(model, config, corpus.train, progress=False, **run)
+    assert resumed.history[0]["step"] == 5
+    np.testing.assert_allclose(
+        [line["loss"] for line in resumed.history],
+        [line["loss"] for line in uninterrupted.history[4:]],
+        rtol=1e-5,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        resumed.state.params,
+        uninterrupted.state.params,
+    )
+    lines = [json.loads(line) for line in run["metrics_path"].read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 13))
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_s"} <= set(lines[0])
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path, corpus):
+    train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, progress=False, checkpoint_dir=tmp_path)
+    other = dataclasses.replace(RESUME_CONFIG, learning_rate=1.0)
+    with pytest.raises(ValueError, match=r"differs in: train.learning_rate"):
+        train.train(RESUME_MODEL, other, corpus.train, progress=False, checkpoint_dir=tmp_path)
+    bigger = Transformer(dataclasses.replace(RESUME_MODEL.config, d_model=32))
+    with pytest.raises(ValueError, match=r"differs in: model"):
+        train.train(bigger, RESUME_CONFIG, corpus.train, progress=False, checkpoint_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("steps", 0, "steps must be a positive integer"),
+        ("warmup_fraction", 1.5, r"warmup_fraction must lie in \[0, 1\]"),
+        ("learning_rate", -1.0, "learning_rate must be a finite number > 0"),
+    ],
+)
+def test_train_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        train.TrainConfig(**{field: value})
+
+
+_DATA_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax
+    import numpy as np
+    from jax_posenc import train
+    from jax_posenc.model import Transformer, TransformerConfig
+
+    assert jax.device_count() == 8, jax.devices()
+    tokens = np.frombuffer(b"def f(x):\\n    return x * 2 + 1\\n" * 300, np.uint8)
+    model = Transformer(
+        TransformerConfig(encoding="alibi", d_model=16, num_layers=1, num_heads=2)
+    )
+    config = train.TrainConfig(steps=6, batch_size=8, seq_len=16, log_every=1,
+                               learning_rate=1e-2)
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+        mesh = train.data_mesh(devices)
+        result = train.train(model, config, tokens, mesh=mesh, progress=False)
+        out[name] = [line["loss"] for line in result.history]
+        out[name + "_params"] = [
+            np.asarray(x).ravel().tolist() for x in jax.tree.leaves(result.state.params)
+        ]
+    batch = train.shard_batch(np.zeros((8, 17), np.int32), train.data_mesh())
+    out["rows_per_device"] = sorted(s.data.shape[0] for s in batch.addressable_shards)
+    out["state_replicated"] = result.state.params["params"]["final_norm"][
+        "scale"].sharding.is_fully_replicated
+    try:
+        train.shard_batch(np.zeros((12, 17), np.int32), train.data_mesh())
+    except ValueError as error:
+        out["indivisible"] = str(error)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_eight_way_data_parallel_training_matches_one_device():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    completed = subprocess.run(
+        [sys.executable, "-c", _DATA_PARALLEL_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert out["rows_per_device"] == [1] * 8
+    assert out["state_replicated"]
+    assert (
+        "batch_size=12 must be divisible by the number of devices in the mesh (8)"
+        in (out["indivisible"])
+    )
+    assert len(out["one"]) == 6
+    np.testing.assert_allclose(out["eight"], out["one"], rtol=1e-5)
+    for eight, one in zip(out["eight_params"], out["one_params"], strict=True):
+        np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-6)
