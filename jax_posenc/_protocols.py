@@ -20,7 +20,7 @@ it one block at a time and never hold a `q_len x k_len` table it did not ask for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -36,3 +36,23 @@ class RelativeTerms(NamedTuple):
     query_bias_fn: QueryBiasFn | None = None
     value_fn: ValueFn | None = None
     content_bias: jax.Array | None = None
+
+
+def sum_of(fns: Sequence[Callable | None]) -> Callable | None:
+    """The pointwise sum of the given callables (None when there are none)."""
+    fns = [fn for fn in fns if fn is not None]
+    if len(fns) <= 1:
+        return fns[0] if fns else None
+    return lambda *args: sum(fn(*args) for fn in fns)
+
+
+def sum_relative_terms(terms: Sequence[RelativeTerms]) -> RelativeTerms | None:
+    """One `RelativeTerms` adding up several: every field is linear in what it adds."""
+    if len(terms) <= 1:
+        return terms[0] if terms else None
+    biases = [t.content_bias for t in terms if t.content_bias is not None]
+    return RelativeTerms(
+        query_bias_fn=sum_of([t.query_bias_fn for t in terms]),
+        value_fn=sum_of([t.value_fn for t in terms]),
+        content_bias=sum(biases) if biases else None,
+    )

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_posenc import _checks, registry
+from jax_posenc import _checks, _protocols, registry
 from jax_posenc._protocols import BiasFn, RelativeTerms
 
 IMPLEMENTATIONS = ("xla", "blockwise")
@@ -726,14 +726,6 @@ def _evaluate(module: nn.Module, method: Callable, *args):
         ) from error
 
 
-def _sum_bias_fns(bias_fns: list[BiasFn]) -> BiasFn | None:
-    if not bias_fns:
-        return None
-    if len(bias_fns) == 1:
-        return bias_fns[0]
-    return lambda q_pos, k_pos: sum(fn(q_pos, k_pos) for fn in bias_fns)
-
-
 def make_attention_fn(
     encoding: str,
     spec: registry.EncodingSpec,
@@ -859,7 +851,7 @@ def make_attention_fn(
             query,
             key,
             value,
-            bias_fn=_sum_bias_fns(bias_fns),
+            bias_fn=_protocols.sum_of(bias_fns),
             relative_terms=relative_terms,
             q_positions=q_pos,
             k_positions=k_pos,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import chex
@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_posenc import _checks, registry
-from jax_posenc._protocols import RelativeTerms
+from jax_posenc import _checks, _protocols, registry
 from jax_posenc.attention import dot_product_attention, segment_positions
 
 NORMS = ("rmsnorm", "layernorm")
@@ -153,26 +152,6 @@ class TransformerConfig:
         )
 
 
-def _sum_of(fns: Sequence[Callable | None]) -> Callable | None:
-    """The pointwise sum of the given callables (None when there are none)."""
-    fns = [fn for fn in fns if fn is not None]
-    if len(fns) <= 1:
-        return fns[0] if fns else None
-    return lambda *args: sum(fn(*args) for fn in fns)
-
-
-def _sum_relative_terms(terms: Sequence[RelativeTerms]) -> RelativeTerms | None:
-    """One `RelativeTerms` adding up several: every field is linear in what it adds."""
-    if len(terms) <= 1:
-        return terms[0] if terms else None
-    biases = [t.content_bias for t in terms if t.content_bias is not None]
-    return RelativeTerms(
-        query_bias_fn=_sum_of([t.query_bias_fn for t in terms]),
-        value_fn=_sum_of([t.value_fn for t in terms]),
-        content_bias=sum(biases) if biases else None,
-    )
-
-
 def _norm(config: TransformerConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dtype=config.compute_dtype)
@@ -223,8 +202,8 @@ class SelfAttention(nn.Module):
             q,
             k,
             v,
-            bias_fn=_sum_of(bias_fns),
-            relative_terms=_sum_relative_terms(relative_terms),
+            bias_fn=_protocols.sum_of(bias_fns),
+            relative_terms=_protocols.sum_relative_terms(relative_terms),
             q_positions=positions,
             k_positions=positions,
             causal=True,
