@@ -16,7 +16,7 @@ from jax_posenc import _checks
 from jax_posenc._angles import ANGLE_PRECISIONS, rotation_angles
 
 SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
-LOOKUP_MODES = ("error", "clip")
+LOOKUP_MODES = ("clip", "error")
 
 
 def sinusoidal_frequencies(dim: int, *, base: float = 10000.0) -> np.ndarray:
@@ -68,22 +68,26 @@ def sinusoidal_encoding(
     return encoding.astype(dtype)
 
 
-def learned_embedding_lookup(table: jax.Array, positions: jax.Array, *, mode: str = "error"):
+def learned_embedding_lookup(table: jax.Array, positions: jax.Array, *, mode: str = "clip"):
     """Rows `table[positions]` with an explicit policy for positions outside the table.
 
     JAX gathers clamp out-of-range indices silently, so a position past the table would
     quietly reuse the last row. Here:
 
-    * concrete positions (outside jit) outside `[0, num_positions)` raise ValueError;
-    * traced positions follow `mode`: "error" adds a `checkify.check`, so the caller must
-      wrap the jitted function with `jax.experimental.checkify.checkify` and call
-      `.throw()` on the returned error (JAX refuses to stage an unchecked check);
-      "clip" clamps into range on purpose (the last row is reused).
+    * concrete positions (outside jit) outside `[0, num_positions)` raise ValueError in
+      every mode;
+    * traced positions (inside jit, grad, vmap, ...) follow `mode`:
+      "clip" (the default) clamps into range on purpose, so the last row is reused
+      (`flax.linen.Embed` returns NaN rows instead); it jits like any other gather.
+      "error" adds a `checkify.check`: the caller wraps the jitted function with
+      `jax.experimental.checkify.checkify` and calls `.throw()` on the returned error
+      (JAX refuses to stage an unchecked check). `jax_posenc.train` does this for every
+      step and evaluation, and raises on the host.
 
     Args:
       table: `[num_positions, features]`.
       positions: integer array `[...]`.
-      mode: "error" or "clip".
+      mode: "clip" or "error".
 
     Returns:
       `[..., features]` rows of `table`.
@@ -97,14 +101,16 @@ def learned_embedding_lookup(table: jax.Array, positions: jax.Array, *, mode: st
         if values.size and (values.min() < 0 or values.max() >= num_positions):
             raise ValueError(
                 f"positions must lie in [0, num_positions={num_positions}), got values in "
-                f"[{int(values.min())}, {int(values.max())}]; enlarge num_positions or "
-                "use mode='clip' on purpose"
+                f"[{int(values.min())}, {int(values.max())}]; enlarge num_positions"
             )
     elif mode == "error":
         in_range = jnp.all((positions >= 0) & (positions < num_positions))
         checkify.check(
             in_range,
-            f"positions must lie in [0, {num_positions}) for this learned embedding table",
+            f"positions must lie in [0, num_positions={num_positions}) of the learned "
+            "embedding table, got values in [{low}, {high}]",
+            low=positions.min(),
+            high=positions.max(),
         )
     return jnp.take(table, jnp.clip(positions, 0, num_positions - 1), axis=0)
 
@@ -138,12 +144,14 @@ def learned_embedding_init(stddev: float = 0.02) -> nn.initializers.Initializer:
 class LearnedEmbedding(nn.Module):
     """A learned table `[num_positions, features]` looked up by position.
 
-    See `learned_embedding_lookup` for the out-of-range policy (`mode`).
+    Concrete positions outside the table raise ValueError; traced ones are clamped
+    (`mode="clip"`, the default) or checked through `jax.experimental.checkify`
+    (`mode="error"`); see `learned_embedding_lookup`.
     """
 
     num_positions: int
     features: int
-    mode: str = "error"
+    mode: str = "clip"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     embedding_init: nn.initializers.Initializer = learned_embedding_init()

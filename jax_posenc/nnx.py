@@ -58,7 +58,7 @@ class LearnedEmbedding(nnx.Module):
         features: int,
         *,
         rngs: nnx.Rngs,
-        mode: str = "error",
+        mode: str = "clip",
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         embedding_init: nnx.Initializer | None = None,

@@ -15,6 +15,11 @@
   in its directory, so a killed run restarted with the same command continues where it
   stopped and reproduces the uninterrupted run. The configuration is stored next to the
   checkpoints and a restart with a different one is refused.
+* Run-time checks: the init, step and evaluation functions are jitted through
+  `jax.experimental.checkify.checkify` (user checks), so a model whose learned table
+  uses `mode="error"` trains, and a position past its table raises a ValueError on the
+  host naming the step. Without such checks the error value has no leaves and reading
+  it costs nothing; with them every step waits for its check before the next one.
 * Metrics: JSON lines (`step`, `loss`, `grad_norm`, `learning_rate`, `tokens_per_s`),
   and a tqdm progress bar showing the loss and tokens/s.
 """
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -182,6 +188,28 @@ def next_token_losses(model: nn.Module, params, windows: jax.Array) -> jax.Array
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
 
 
+def _checked_jit(fn: Callable, mesh: Mesh, *, out_shardings, **jit_kwargs) -> Callable:
+    """`jax.jit(checkify(fn))` for user checks: returns `(error, out)`.
+
+    Functionalizing the checks `mode="error"` learned tables stage lets them run under
+    jit. Where a function has no checks, checkify leaves its computation unchanged and
+    the error has no leaves, so reading it on the host transfers nothing (measured on
+    the study's model: the same compiled HLO and step time as plain `jax.jit`). With
+    checks, reading the error waits for the step; the checks themselves add two
+    reductions over the positions.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    checked = checkify.checkify(fn, errors=checkify.user_checks)
+    return jax.jit(checked, out_shardings=(replicated, out_shardings), **jit_kwargs)
+
+
+def _raise_failed_check(error: checkify.Error, where: str) -> None:
+    """Raises ValueError naming `where` when a run-time check in `error` failed."""
+    message = error.get()
+    if message is not None:
+        raise ValueError(f"{where}: {message}")
+
+
 # Models, configs and meshes are hashable, so the jitted functions below are built once
 # per combination and their compiled executables are reused by later `train` calls
 # (a resumed run, or evaluation at a length already seen).
@@ -197,18 +225,21 @@ def _init_fn(model: nn.Module, config: TrainConfig, mesh: Mesh):
         params = model.init(jax.random.key(config.seed), dummy)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    return jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return _checked_jit(init, mesh, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def init_state(model: nn.Module, config: TrainConfig, mesh: Mesh) -> TrainState:
     """Initializes parameters (seeded by `config.seed`) and optimizer state, replicated."""
-    return _init_fn(model, config, mesh)()
+    error, state = _init_fn(model, config, mesh)()
+    _raise_failed_check(error, "initializing the model")
+    return state
 
 
 @_jit_cache
 def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
-    """A jitted `step(state, batch) -> (state, metrics)` with the batch sharded on `data`.
+    """A jitted `step(state, batch) -> (error, (state, metrics))`, batch sharded on `data`.
 
+    `error` is the `checkify.Error` of the step's run-time checks (see `_checked_jit`).
     The loss is the mean over the global batch, so gradients (an all-reduce that XLA
     inserts from the shardings) equal those of single-device training.
     """
@@ -230,8 +261,9 @@ def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
+    return _checked_jit(
         step,
+        mesh,
         in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -240,15 +272,15 @@ def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
 
 @_jit_cache
 def _total_loss_fn(model: nn.Module, mesh: Mesh):
-    """Jitted `(params, windows, weights) -> sum of weighted per-window mean losses`."""
+    """Jitted `(params, windows, weights) -> (error, sum of weighted per-window losses)`."""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
     def total_loss(params, batch, weights):
         return (next_token_losses(model, params, batch).mean(axis=1) * weights).sum()
 
-    return jax.jit(
-        total_loss, in_shardings=(replicated, sharded, sharded), out_shardings=replicated
+    return _checked_jit(
+        total_loss, mesh, in_shardings=(replicated, sharded, sharded), out_shardings=replicated
     )
 
 
@@ -270,7 +302,9 @@ def evaluate(
         weights[: len(chunk)] = 1.0
         padding = np.zeros((batch_size - len(chunk), windows.shape[1]), windows.dtype)
         chunk = np.concatenate([chunk, padding])
-        total += float(total_loss(params, shard_batch(chunk, mesh), shard_batch(weights, mesh)))
+        error, loss = total_loss(params, shard_batch(chunk, mesh), shard_batch(weights, mesh))
+        _raise_failed_check(error, f"evaluating windows of {windows.shape[1] - 1} tokens")
+        total += float(loss)
     return total / len(windows)
 
 
@@ -380,8 +414,9 @@ def train(
                 seq_len=config.seq_len,
                 seed=config.seed,
             )
-            state, metrics = train_step(state, shard_batch(batch, mesh))
+            error, (state, metrics) = train_step(state, shard_batch(batch, mesh))
             done = step + 1
+            _raise_failed_check(error, f"training step {done}")
             if callback is not None:
                 callback(done, metrics)
             if done % config.log_every == 0 or done == config.steps:

@@ -1,5 +1,7 @@
 """Tests for sinusoidal and learned absolute position encodings."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -152,26 +154,57 @@ def test_learned_embedding_returns_table_rows():
     np.testing.assert_array_equal(np.asarray(got), table[positions])
 
 
-@pytest.mark.parametrize("bad", [[0, 16], [-1, 2]])
-def test_learned_embedding_rejects_concrete_positions_outside_table(bad):
-    module, params = _linen_learned()
-    with pytest.raises(ValueError, match=r"positions must lie in \[0, num_positions=16\)"):
+@pytest.mark.parametrize(("bad", "values"), [([0, 16], "[0, 16]"), ([-1, 2], "[-1, 2]")])
+@pytest.mark.parametrize("mode", ["clip", "error"])
+def test_learned_embedding_rejects_concrete_positions_outside_table(bad, values, mode):
+    module, params = _linen_learned(mode=mode)
+    message = rf"positions must lie in \[0, num_positions=16\), got values in {re.escape(values)}"
+    with pytest.raises(ValueError, match=message):
         module.apply(params, jnp.array(bad))
+    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0), mode=mode)
+    with pytest.raises(ValueError, match=message):
+        twin(jnp.array(bad))
 
 
-def test_learned_embedding_error_mode_under_jit_reports_through_checkify():
-    module, params = _linen_learned()
-    checked = jax.jit(checkify.checkify(lambda p: module.apply(params, p)))
+def test_learned_embedding_defaults_jit_init_and_apply_in_linen_and_nnx():
+    module = pe.LearnedEmbedding(16, 8)
+    positions = jnp.arange(6).reshape(2, 3)
+    params = jax.jit(module.init)(jax.random.key(0), positions)
+    table = np.asarray(params["params"]["embedding"])
+    got = jax.jit(module.apply)(params, positions)
+    np.testing.assert_array_equal(np.asarray(got), table[np.asarray(positions)])
+    # The documented policy for traced positions past the table: clamp, as nn.Embed.
+    clamped = jax.jit(module.apply)(params, jnp.array([-3, 15, 40]))
+    np.testing.assert_array_equal(np.asarray(clamped), table[[0, 15, 15]])
+
+    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0))
+    twin.embedding[...] = table
+    jitted = nnx.jit(lambda m, p: m(p))
+    np.testing.assert_array_equal(np.asarray(jitted(twin, positions)), np.asarray(got))
+    created = nnx.jit(lambda: pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0)))()
+    assert created(positions).shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_learned_embedding_error_mode_under_jit_reports_through_checkify(api):
+    module, params = _linen_learned(mode="error")
+    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0), mode="error")
+
+    def lookup(positions):
+        return module.apply(params, positions) if api == "linen" else twin(positions)
+
+    checked = jax.jit(checkify.checkify(lookup))
     err, _ = checked(jnp.array([1, 2, 3]))
     assert err.get() is None
     err, _ = checked(jnp.array([1, 2, 16]))
-    assert err.get() is not None and "positions must lie in [0, 16)" in err.get()
+    assert "positions must lie in [0, num_positions=16)" in err.get()
+    assert "got values in [1, 16]" in err.get()
     with pytest.raises(checkify.JaxRuntimeError):
         err.throw()
 
 
 def test_learned_embedding_error_mode_under_plain_jit_refuses_to_run_unchecked():
-    module, params = _linen_learned()
+    module, params = _linen_learned(mode="error")
     with pytest.raises(ValueError, match="checkify"):
         jax.jit(lambda p: module.apply(params, p))(jnp.array([1, 2]))
 

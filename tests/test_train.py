@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +85,51 @@ def test_evaluate_is_the_mean_loss_over_all_windows(corpus):
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(log_probs, windows[:, 1:, None], -1).mean()
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_trains_a_learned_table_in_error_mode(corpus):
+    model = Transformer(
+        TransformerConfig(
+            encoding="learned",
+            d_model=16,
+            num_layers=1,
+            num_heads=2,
+            max_positions=16,
+            encoding_options={"learned": {"mode": "error"}},
+        )
+    )
+    config = train.TrainConfig(steps=3, batch_size=4, seq_len=16, log_every=1)
+    result = train.train(model, config, corpus.train, progress=False)
+    assert [line["step"] for line in result.history] == [1, 2, 3]
+    windows = data.eval_windows(corpus.heldout, seq_len=16, num_tokens=64)
+    mesh = train.data_mesh()
+    assert np.isfinite(train.evaluate(model, result.state.params, windows, batch_size=4, mesh=mesh))
+
+
+class BytesAsPositions(nn.Module):
+    """Looks bytes up in a learned table as if they were positions: text holds bytes past
+    a short table, which only the jitted step sees."""
+
+    num_positions: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        return pe.LearnedEmbedding(self.num_positions, 256, mode="error")(tokens)
+
+
+def test_position_past_an_error_mode_table_raises_from_the_jitted_step(corpus):
+    config = train.TrainConfig(steps=2, batch_size=4, seq_len=8, log_every=1)
+    assert train.train(BytesAsPositions(256), config, corpus.train, progress=False).history
+    with pytest.raises(
+        ValueError,
+        match=r"training step 1: positions must lie in \[0, num_positions=100\) of the "
+        r"learned embedding table, got values in \[\d+, \d+\]",
+    ):
+        train.train(BytesAsPositions(100), config, corpus.train, progress=False)
+    windows = data.eval_windows(corpus.heldout, seq_len=8, num_tokens=32)
+    params = {"params": {"LearnedEmbedding_0": {"embedding": jnp.zeros((100, 256))}}}
+    with pytest.raises(ValueError, match="evaluating windows of 8 tokens: positions must lie"):
+        train.evaluate(BytesAsPositions(100), params, windows, batch_size=4, mesh=train.data_mesh())
 
 
 class Killed(Exception):
