@@ -111,17 +111,69 @@ def is_concrete(value: object) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
+INT32_MAX = int(np.iinfo(np.int32).max)
+INT32_MIN = int(np.iinfo(np.int32).min)
+# Integer dtypes whose every value fits int32; others are checked value by value.
+_INT32_SAFE = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8, np.uint16))
+
+
+def check_positions(name: str, value: object, *, allow_float: bool = False) -> jax.Array:
+    """The one rule for positions, used by every encoding, the attention and the model.
+
+    Positions are integers that fit int32, returned as an int32 array. Arrays of a wider
+    integer dtype (int64, uint32, uint64) are accepted when their values are known (not
+    traced) and fit; traced ones cannot be checked and raise a TypeError asking for an
+    explicit int32 cast. A value outside `[-2^31, 2^31)` raises a ValueError naming
+    `name` and the offending range: a silent int32 wrap would turn position `2^31 + 7`
+    into `-2^31 + 7`. With `allow_float` (documented per function, e.g. RoPE's fractional
+    positions), floating arrays pass through unchanged when finite and within the same
+    range (checked when concrete).
+    """
+    dtype = jnp.result_type(value)
+    is_float = jnp.issubdtype(dtype, jnp.floating)
+    if not (jnp.issubdtype(dtype, jnp.integer) or (allow_float and is_float)):
+        expected = "an integer or floating" if allow_float else "an integer"
+        raise TypeError(f"{name} must have {expected} dtype, got {_describe(jnp.asarray(value))}")
+    if is_concrete(value):
+        values = np.asarray(value)
+        if values.size:
+            low, high = values.min(), values.max()
+            if not (np.isfinite(low) and np.isfinite(high)) or low < INT32_MIN or high > INT32_MAX:
+                raise ValueError(
+                    f"{name} must lie in [-2^31, 2^31) (int32), got values in [{low}, {high}]; "
+                    "positions past int32 would wrap around silently"
+                )
+    elif not is_float and np.dtype(dtype) not in _INT32_SAFE:
+        raise TypeError(
+            f"{name} is a traced {np.dtype(dtype).name} array whose values cannot be checked "
+            "to fit int32; cast it to int32 explicitly"
+        )
+    array = jnp.asarray(value) if is_float else jnp.asarray(value).astype(jnp.int32)
+    return array
+
+
+def saturating_difference(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a - b` for int32 arrays, exact unless it leaves `(-2^31, 2^31)`, then clamped to
+    `+-(2^31 - 1)` (an infinitely far distance) instead of wrapping around."""
+    a, b = a.astype(jnp.int32), b.astype(jnp.int32)
+    difference = a - b
+    # Overflow iff a and -b share a sign that the wrapped result does not.
+    overflow = ((a >= 0) != (b >= 0)) & ((difference >= 0) != (a >= 0))
+    saturated = jnp.where(a >= 0, INT32_MAX, -INT32_MAX).astype(jnp.int32)
+    return jnp.maximum(jnp.where(overflow, saturated, difference), -INT32_MAX)
+
+
 def check_position_pair(
     q_positions: jax.Array, k_positions: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Query and key positions as integer arrays `[B or 1, S]` with compatible batch sizes.
+    """Query and key positions as int32 arrays `[B or 1, S]` with compatible batch sizes.
 
-    Positions given as `[S]` are read as `[1, S]`. The two batch sizes must be equal, or
-    one of them 1 (it broadcasts).
+    Positions given as `[S]` are read as `[1, S]`; values follow `check_positions`. The
+    two batch sizes must be equal, or one of them 1 (it broadcasts).
     """
     pair = []
     for name, value in (("q_positions", q_positions), ("k_positions", k_positions)):
-        value = check_integer_array(name, value)
+        value = check_positions(name, value)
         check_rank(name, value, (1, 2))
         pair.append(value[None] if value.ndim == 1 else value)
     q_positions, k_positions = pair

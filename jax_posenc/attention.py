@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -81,8 +81,8 @@ def _check_attention_inputs(q, k, v):
 
 
 def _batched_ids(name: str, value, length: int, batch: int) -> jax.Array:
-    """Integer `[L]` or `[B, L]` ids/positions as int32 `[B or 1, L]`."""
-    value = _checks.check_integer_array(name, value)
+    """Integer `[L]` or `[B, L]` ids/positions as int32 `[B or 1, L]` (values must fit int32)."""
+    value = _checks.check_positions(name, value)
     _checks.check_rank(name, value, (1, 2))
     value = jnp.atleast_2d(value)
     if value.shape[-1] != length or value.shape[0] not in (1, batch):
@@ -320,17 +320,31 @@ def _slice_mask(mask: jax.Array | None, axis: int, index: jax.Array, size: int):
     return lax.dynamic_slice_in_dim(mask, index * size, size, axis=axis)
 
 
-def _convert(fn: Callable | None, *examples: jax.Array):
+def _hoist(fn: Callable | None, *examples: jax.Array):
     """`(fn', consts)` with `fn'(*args, *consts) == fn(*args)` for block-shaped args.
 
-    A positional term may close over arrays (learned tables, MLP weights); the custom
-    VJP below can only return gradients for explicit arguments, so those arrays are
-    lifted out of the closure (`jax.closure_convert`).
+    A positional term may close over arrays: learned tables and MLP weights, but also
+    integer arrays or values traced by an enclosing `jit`, `scan` or `checkpoint`. The
+    custom VJP below must receive every one of them as an explicit argument (a traced
+    value it closed over would leak into its own trace), and it can only return
+    gradients for arguments. `jax.closure_convert` hoists only the values that may carry
+    a tangent, so this traces `fn` once to a jaxpr and hoists all of its constants.
     """
     if fn is None:
         return None, ()
-    converted, consts = jax.closure_convert(fn, *examples)
-    return converted, tuple(consts)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*examples)
+    out_tree = jax.tree.structure(out_shape)
+    num_args = len(examples)
+
+    def hoisted(*args_and_consts):
+        args, consts = args_and_consts[:num_args], args_and_consts[num_args:]
+        return jax.tree.unflatten(out_tree, jax.core.eval_jaxpr(closed.jaxpr, consts, *args))
+
+    return hoisted, tuple(closed.consts)
+
+
+def _call_with(fn: Callable, consts: tuple, *args):
+    return fn(*args, *consts)
 
 
 def _float32_zeros(tree):
@@ -341,193 +355,250 @@ def _add_float32(total, tree):
     return jax.tree.map(lambda a, b: a + b.astype(_F32), total, tree)
 
 
-def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms: _Terms, block_size):
+def _cotangent(gradient: jax.Array, primal) -> jax.Array | None:
+    """`gradient` in the primal's dtype; None (a zero cotangent) for integer/bool primals."""
+    if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):
+        return None
+    return gradient.astype(jnp.result_type(primal))
+
+
+class _Tiling(NamedTuple):
+    """Static settings of the blockwise loops: the first, non-differentiable argument
+    of `_blockwise_attention`. The three functions are hoisted (`_hoist`): they read
+    their arrays from the `consts` argument, never from a closure."""
+
+    scale: float
+    causal: bool
+    q_block: int
+    k_block: int
+    k_len: int  # keys at or after this index are padding
+    bias_fn: Callable | None
+    query_bias_fn: Callable | None
+    value_fn: Callable | None
+
+
+def _bind_terms(tiling: _Tiling, content_bias, consts) -> _Terms:
+    bound = [
+        None if fn is None else functools.partial(_call_with, fn, extra)
+        for fn, extra in zip(
+            (tiling.bias_fn, tiling.query_bias_fn, tiling.value_fn), consts, strict=True
+        )
+    ]
+    return _Terms(
+        tiling.scale, tiling.causal, bound[0], RelativeTerms(bound[1], bound[2], content_bias)
+    )
+
+
+def _bounds(blocks: jax.Array | None):
+    """Per-block `(min, max)` over batch and block of `[n, B, block]` ids, or None."""
+    return None if blocks is None else (blocks.min(axis=(1, 2)), blocks.max(axis=(1, 2)))
+
+
+def _query_inputs(tiling: _Tiling, q, q_pos, q_seg):
+    """What `lax.map`/`lax.scan` over query blocks reads: index, block, ids, bounds."""
+    pos, seg = _split_blocks(q_pos, 1, tiling.q_block), _split_blocks(q_seg, 1, tiling.q_block)
+    num_q = q.shape[2] // tiling.q_block
+    return (jnp.arange(num_q), _split_blocks(q, 2, tiling.q_block), pos, seg,
+            (_bounds(pos), _bounds(seg)))  # fmt: skip
+
+
+def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg):
+    """What the scan over key blocks reads: index, blocks, ids, padding flags, bounds."""
+    k_block, k_pad = tiling.k_block, k.shape[2]
+    pos, seg = _split_blocks(k_pos, 1, k_block), _split_blocks(k_seg, 1, k_block)
+    valid = None
+    if k_pad != tiling.k_len:
+        valid = _split_blocks(jnp.arange(k_pad) < tiling.k_len, 0, k_block)
+    blocks = (_split_blocks(k, 2, k_block), _split_blocks(v, 2, k_block))
+    return (jnp.arange(k_pad // k_block), *blocks, pos, seg, valid, (_bounds(pos), _bounds(seg)))
+
+
+def _is_empty(causal: bool, q_bound, k_bound) -> jax.Array:
+    """Whether a block pair provably has no allowed entry.
+
+    Causal and every query position of the block is below every key position of the
+    other (max q_pos < min k_pos over the whole batch), or the ranges of segment ids of
+    the two blocks are disjoint. This holds for arbitrary positions, and for arange
+    positions it drops exactly the blocks above the diagonal.
+    """
+    (_, q_pos_max), q_seg_range = q_bound
+    (k_pos_min, _), k_seg_range = k_bound
+    empty = jnp.asarray(False)
+    if causal:
+        empty = empty | (q_pos_max < k_pos_min)
+    if q_seg_range is not None:
+        empty = empty | (q_seg_range[1] < k_seg_range[0]) | (k_seg_range[1] < q_seg_range[0])
+    return empty
+
+
+def _scan_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, skipped=None):
+    """`carry, output_j = step(carry, block)` over the key blocks of one query block.
+
+    Returns the final carry and the outputs stacked over key blocks; a skipped pair
+    leaves the carry as it is and outputs `skipped`. Carries stay block-sized: a
+    loop-carried full-length array would be copied through every `lax.cond`.
+    """
+    index, q_i, q_pos_i, q_seg_i, q_bound = q_inputs
+    mask_i = _slice_mask(mask, 2, index, tiling.q_block)
+
+    def body(carry, key_inputs):
+        j, k_j, v_j, k_pos_j, k_seg_j, valid_j, k_bound = key_inputs
+        block = _Block(
+            q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
+            _slice_mask(mask_i, 3, j, tiling.k_block), valid_j,
+        )  # fmt: skip
+        if not (tiling.causal or q_seg_i is not None):
+            return step(carry, block)
+        skip = _is_empty(tiling.causal, q_bound, k_bound)
+        return lax.cond(skip, lambda c: (c, skipped), lambda c: step(c, block), carry)
+
+    return lax.scan(body, carry, k_inputs)
+
+
+def _blockwise_forward(tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts):
+    """Output blocks `[nq, B, H, bq, Dv]` and log-normalizers `[nq, B, H, bq]`."""
+    batch, heads = q.shape[:2]
+    terms = _bind_terms(tiling, content_bias, consts)
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg)
+
+    def one_query_block(q_inputs):
+        state, _ = _scan_key_blocks(
+            tiling,
+            lambda state, block: (_accumulate(state, block, terms), None),
+            _init_softmax(batch, tiling.q_block, heads, v.shape[-1]),
+            q_inputs,
+            k_inputs,
+            mask,
+        )
+        return _finalize(state), _log_normalizer(state)
+
+    return lax.map(one_query_block, _query_inputs(tiling, q, q_pos, q_seg))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise_attention(tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts):
     """Online-softmax attention over (query block, key block) pairs; see the module doc.
 
-    The backward pass is a custom VJP in the manner of FlashAttention: it keeps only
-    the output and the per-row log-normalizer, recomputes each block's weights, and
-    gets every gradient (q, k, v, content bias, parameters of the positional terms)
-    from `jax.vjp` of the same per-block functions the forward pass uses.
+    Every array it reads is an argument (q, k, v `[B, H, L, D]` padded to whole blocks,
+    positions and segment ids `[B or 1, L]`, the mask, the hoisted constants of the
+    positional terms), so it composes with jit at any depth, checkpoint, scan and vmap.
+    Returns `[B, H, Lq_padded, Dv]` float32.
     """
-    batch, heads, q_len, dim = q.shape
-    k_len, value_dim = k.shape[2], v.shape[-1]
-    q_block, k_block = min(block_size[0], q_len), min(block_size[1], k_len)
-    num_q, num_k = -(-q_len // q_block), -(-k_len // k_block)
-    q_pad, k_pad = num_q * q_block, num_k * k_block
+    out, _ = _blockwise_forward(
+        tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts
+    )
+    return _merge_blocks(out, 2)
 
-    # Padded queries are dropped at the end; padded keys are masked out by `k_valid`.
+
+def _blockwise_attention_fwd(tiling, *args):
+    out, log_normalizer = _blockwise_forward(tiling, *args)
+    return _merge_blocks(out, 2), (args, out, log_normalizer)
+
+
+def _blockwise_attention_bwd(tiling, residuals, d_out):
+    """FlashAttention's backward pass: recompute each block's weights from the stored
+    log-normalizer and get every gradient (q, k, v, content bias, constants of the
+    positional terms) from `jax.vjp` of the same per-block functions as the forward."""
+    args, out, log_normalizer = residuals
+    q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts = args
+    d_out = _split_blocks(d_out, 2, tiling.q_block)  # [nq, B, H, bq, Dv]
+    # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
+    d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg)
+    k_blocks, v_blocks = k_inputs[1], k_inputs[2]
+
+    def one_query_block(grads, inputs):
+        *q_inputs, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
+
+        def step(grads, block):
+            dq_i, d_content_bias, d_consts = grads
+
+            def logits_of(q_i, k_j, content_bias, consts):
+                terms = _bind_terms(tiling, content_bias, consts)
+                return _masked_logits(block._replace(q=q_i, k=k_j), terms)
+
+            def values_of(weights, v_j, consts):
+                terms = _bind_terms(tiling, content_bias, consts)
+                return _weighted_values(weights, block._replace(v=v_j), terms)
+
+            logits, logits_vjp = jax.vjp(logits_of, block.q, block.k, content_bias, consts)
+            weights = jnp.exp(logits - log_normalizer_i[..., None])
+            _, values_vjp = jax.vjp(values_of, weights, block.v, consts)
+            d_weights, dv_j, d_consts_values = values_vjp(d_out_i)
+            d_logits = weights * (d_weights - d_out_dot_out_i[..., None])
+            dq_ij, dk_j, d_content_bias_j, d_consts_logits = logits_vjp(d_logits)
+            grads = (
+                dq_i + dq_ij.astype(_F32),
+                _add_float32(d_content_bias, d_content_bias_j),
+                _add_float32(_add_float32(d_consts, d_consts_logits), d_consts_values),
+            )
+            return grads, (dk_j.astype(_F32), dv_j.astype(_F32))
+
+        dk, dv, d_content_bias, d_consts = grads
+        zeros = (_float32_zeros(k_blocks[0]), _float32_zeros(v_blocks[0]))
+        (dq_i, d_content_bias, d_consts), (dk_i, dv_i) = _scan_key_blocks(
+            tiling,
+            step,
+            (_float32_zeros(q_inputs[1]), d_content_bias, d_consts),
+            q_inputs,
+            k_inputs,
+            mask,
+            zeros,
+        )
+        return (dk + dk_i, dv + dv_i, d_content_bias, d_consts), dq_i
+
+    initial = _float32_zeros((k_blocks, v_blocks, content_bias, consts))
+    inputs = (*_query_inputs(tiling, q, q_pos, q_seg), d_out, log_normalizer, d_out_dot_out)
+    (dk, dv, d_content_bias, d_consts), dq = lax.scan(one_query_block, initial, inputs)
+    grads = (_merge_blocks(dq, 2), _merge_blocks(dk, 2), _merge_blocks(dv, 2), d_content_bias)
+    q_grad, k_grad, v_grad, bias_grad = jax.tree.map(_cotangent, grads, (q, k, v, content_bias))
+    const_grads = jax.tree.map(_cotangent, d_consts, consts)
+    # Positions, segment ids and the mask are integer or boolean: zero cotangents.
+    return q_grad, k_grad, v_grad, bias_grad, None, None, None, None, None, const_grads
+
+
+_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
+
+
+def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms: _Terms, block_size):
+    """Pads to whole blocks, hoists the positional terms and runs `_blockwise_attention`."""
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    q_block, k_block = min(block_size[0], q_len), min(block_size[1], k_len)
+    q_pad, k_pad = -(-q_len // q_block) * q_block, -(-k_len // k_block) * k_block
+    # Padded queries are dropped at the end; padded keys are masked out (`k_len`).
     # Positions and segment ids are padded with their last value, so per-block bounds
     # are bounds of real tokens.
     q_pos, q_seg = (_pad_axis(x, 1, q_pad, "edge") for x in (q_pos, q_seg))
     k_pos, k_seg = (_pad_axis(x, 1, k_pad, "edge") for x in (k_pos, k_seg))
-    q, k, v = _pad_axis(q, 2, q_pad, "edge"), *(_pad_axis(x, 2, k_pad, "edge") for x in (k, v))
+    q = _pad_axis(q, 2, q_pad, "edge")
+    k, v = (_pad_axis(x, 2, k_pad, "edge") for x in (k, v))
     mask = _pad_axis(_pad_axis(mask, 2, q_pad, "false"), 3, k_pad, "false")
-    k_valid = None
-    if k_pad != k_len:
-        k_valid = _split_blocks(jnp.arange(k_pad) < k_len, 0, k_block)
-    q_ids = [_split_blocks(x, 1, q_block) for x in (q_pos, q_seg)]
-    k_ids = [_split_blocks(x, 1, k_block) for x in (k_pos, k_seg)]
-
-    # A block pair is skipped, not computed and masked, only when it is provably empty:
-    # causal and every query position of the block is below every key position
-    # (max q_pos < min k_pos, over the whole batch), or the ranges of segment ids of the
-    # two blocks are disjoint. This holds for arbitrary positions, and for arange
-    # positions it drops exactly the blocks above the diagonal.
-    def bounds(blocks):
-        return None if blocks is None else (blocks.min(axis=(1, 2)), blocks.max(axis=(1, 2)))
-
-    q_bounds = tuple(bounds(x) for x in q_ids)
-    k_bounds = tuple(bounds(x) for x in k_ids)
-
-    def is_empty(q_bound, k_bound):
-        (_, q_pos_max), q_seg_range = q_bound
-        (k_pos_min, _), k_seg_range = k_bound
-        empty = jnp.asarray(False)
-        if terms.causal:
-            empty = empty | (q_pos_max < k_pos_min)
-        if q_seg_range is not None:
-            empty = empty | (q_seg_range[1] < k_seg_range[0]) | (k_seg_range[1] < q_seg_range[0])
-        return empty
-
-    def scan_key_blocks(step, carry, k_blocks, v_blocks, q_inputs, skipped_output=None):
-        """`carry, output_j = step(carry, block)` over the key blocks of one query block.
-
-        Returns the final carry and the outputs stacked over key blocks; a skipped pair
-        leaves the carry as it is and outputs `skipped_output`. Carries stay
-        block-sized: a loop-carried full-length array would be copied through every
-        `lax.cond`.
-        """
-        _, q_i, q_pos_i, q_seg_i, q_bound = q_inputs
-        mask_i = _slice_mask(mask, 2, q_inputs[0], q_block)
-
-        def body(carry, key_inputs):
-            j, k_j, v_j, k_pos_j, k_seg_j, valid_j, k_bound = key_inputs
-            block = _Block(
-                q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
-                _slice_mask(mask_i, 3, j, k_block), valid_j,
-            )  # fmt: skip
-            if not (terms.causal or q_seg is not None):
-                return step(carry, block)
-            skip = is_empty(q_bound, k_bound)
-            return lax.cond(skip, lambda c: (c, skipped_output), lambda c: step(c, block), carry)
-
-        key_inputs = (jnp.arange(num_k), k_blocks, v_blocks, *k_ids, k_valid, k_bounds)
-        return lax.scan(body, carry, key_inputs)
 
     relative = terms.relative_terms or RelativeTerms()
-    position_examples = tuple(jnp.zeros(ids.shape[1:], jnp.int32) for ids in (q_ids[0], k_ids[0]))
+    q_pos_block = jnp.zeros((q_pos.shape[0], q_block), jnp.int32)
+    k_pos_block = jnp.zeros((k_pos.shape[0], k_block), jnp.int32)
     functions, consts = zip(
-        _convert(terms.bias_fn, *position_examples),
-        _convert(
+        _hoist(terms.bias_fn, q_pos_block, k_pos_block),
+        _hoist(
             relative.query_bias_fn,
             jnp.zeros((batch, q_block, heads, dim), q.dtype),  # the protocol's [B, bq, H, D]
-            *position_examples,
+            q_pos_block,
+            k_pos_block,
         ),
-        _convert(
-            relative.value_fn, jnp.zeros((batch, heads, q_block, k_block), _F32), *position_examples
+        _hoist(
+            relative.value_fn,
+            jnp.zeros((batch, heads, q_block, k_block), _F32),
+            q_pos_block,
+            k_pos_block,
         ),
         strict=True,
     )
-
-    def block_terms(content_bias, consts) -> _Terms:
-        bound = [
-            None if fn is None else functools.partial(_call_with, fn, extra)
-            for fn, extra in zip(functions, consts, strict=True)
-        ]
-        return terms._replace(
-            bias_fn=bound[0], relative_terms=RelativeTerms(bound[1], bound[2], content_bias)
-        )
-
-    def q_inputs(q):
-        return (jnp.arange(num_q), _split_blocks(q, 2, q_block), *q_ids, q_bounds)
-
-    def forward(q, k, v, content_bias, consts):
-        step_terms = block_terms(content_bias, consts)
-        k_blocks, v_blocks = _split_blocks(k, 2, k_block), _split_blocks(v, 2, k_block)
-
-        def one_query_block(inputs):
-            state, _ = scan_key_blocks(
-                lambda state, block: (_accumulate(state, block, step_terms), None),
-                _init_softmax(batch, q_block, heads, value_dim),
-                k_blocks,
-                v_blocks,
-                inputs,
-            )
-            return _finalize(state), _log_normalizer(state)
-
-        return lax.map(one_query_block, q_inputs(q))  # [nq, B, H, bq, Dv], [nq, B, H, bq]
-
-    @jax.custom_vjp
-    def attend(q, k, v, content_bias, consts):
-        return forward(q, k, v, content_bias, consts)[0]
-
-    def attend_forward(q, k, v, content_bias, consts):
-        out, log_normalizer = forward(q, k, v, content_bias, consts)
-        return out, (q, k, v, content_bias, consts, out, log_normalizer)
-
-    def attend_backward(residuals, d_out):
-        q, k, v, content_bias, consts, out, log_normalizer = residuals
-        # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
-        d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
-        k_blocks, v_blocks = _split_blocks(k, 2, k_block), _split_blocks(v, 2, k_block)
-
-        def one_query_block(grads, inputs):
-            *q_in, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
-
-            def step(grads, block):
-                dq_i, d_content_bias, d_consts = grads
-
-                def logits_of(q_i, k_j, content_bias, consts):
-                    return _masked_logits(
-                        block._replace(q=q_i, k=k_j), block_terms(content_bias, consts)
-                    )
-
-                def values_of(weights, v_j, consts):
-                    return _weighted_values(
-                        weights, block._replace(v=v_j), block_terms(content_bias, consts)
-                    )
-
-                logits, logits_vjp = jax.vjp(logits_of, block.q, block.k, content_bias, consts)
-                weights = jnp.exp(logits - log_normalizer_i[..., None])
-                _, values_vjp = jax.vjp(values_of, weights, block.v, consts)
-                d_weights, dv_j, d_consts_values = values_vjp(d_out_i)
-                d_logits = weights * (d_weights - d_out_dot_out_i[..., None])
-                dq_ij, dk_j, d_content_bias_j, d_consts_logits = logits_vjp(d_logits)
-                grads = (
-                    dq_i + dq_ij.astype(_F32),
-                    _add_float32(d_content_bias, d_content_bias_j),
-                    _add_float32(_add_float32(d_consts, d_consts_logits), d_consts_values),
-                )
-                return grads, (dk_j.astype(_F32), dv_j.astype(_F32))
-
-            dk, dv, d_content_bias, d_consts = grads
-            zeros = (_float32_zeros(k_blocks[0]), _float32_zeros(v_blocks[0]))
-            (dq_i, d_content_bias, d_consts), (dk_i, dv_i) = scan_key_blocks(
-                step,
-                (_float32_zeros(q_in[1]), d_content_bias, d_consts),
-                k_blocks,
-                v_blocks,
-                q_in,
-                zeros,
-            )
-            return (dk + dk_i, dv + dv_i, d_content_bias, d_consts), dq_i
-
-        initial = _float32_zeros((k_blocks, v_blocks, content_bias, consts))
-        inputs = (*q_inputs(q), d_out, log_normalizer, d_out_dot_out)
-        (dk, dv, d_content_bias, d_consts), dq = lax.scan(one_query_block, initial, inputs)
-        like = (q, k, v, content_bias, consts)
-        grads = (_merge_blocks(dq, 2), _merge_blocks(dk, 2), _merge_blocks(dv, 2))
-        return jax.tree.map(
-            lambda g, x: g.astype(x.dtype), (*grads, d_content_bias, d_consts), like
-        )
-
-    attend.defvjp(attend_forward, attend_backward)
-    out = attend(q, k, v, relative.content_bias, consts)
-    return _merge_blocks(out, 2)[:, :, :q_len]
-
-
-def _call_with(fn: Callable, consts: tuple, *args):
-    return fn(*args, *consts)
+    tiling = _Tiling(terms.scale, terms.causal, q_block, k_block, k_len, *functions)
+    out = _blockwise_attention(
+        tiling, q, k, v, relative.content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts
+    )
+    return out[:, :, :q_len]
 
 
 # ------------------------------------------------------------------ public function
@@ -699,6 +770,10 @@ def dot_product_attention(
     if mask is not None:
         mask = _mask_as_rank4(mask, (batch, heads, q_len, k_len))
 
+    if 0 in (batch, q_len, k_len):
+        # Nothing to attend to (or nobody asking): empty output, or the zeros of rows
+        # that may attend to no key, as for any fully masked row.
+        return jnp.zeros((batch, q_len, heads, v.shape[-1]), q.dtype)
     terms = _Terms(scale, causal, bias_fn, relative_terms)
     q, k, v = (_heads_first(x) for x in (q, k, v))
     if implementation == "xla":
@@ -726,24 +801,86 @@ def _evaluate(module: nn.Module, method: Callable, *args):
         ) from error
 
 
+def _flax_mask(mask) -> jax.Array:
+    """A Flax attention mask (bool or numeric, nonzero = attend) as a bool array."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    return mask
+
+
+def _positions_from_mask(mask: jax.Array, k_pos: jax.Array, q_len: int) -> jax.Array:
+    """The position of the last key each query may attend to, `[B or 1, Lq]`.
+
+    In causal self-attention over a cache this is the query's own position: Flax's
+    `decode=True` step passes one query, the whole cache and the mask
+    `arange(max_length) <= cache_index`, so the query sits at `k_pos[cache_index]`. A
+    row that may attend to nothing gets the first key's position (its output is zero).
+    """
+    allowed = jnp.any(mask, axis=1)  # [B or 1, Lq or 1, Lk]
+    index = jnp.arange(allowed.shape[-1], dtype=jnp.int32)
+    last = jnp.max(jnp.where(allowed, index, 0), axis=-1)  # [B or 1, Lq or 1]
+    batch = max(last.shape[0], k_pos.shape[0])
+    last = jnp.broadcast_to(last, (batch, q_len))
+    return jnp.take_along_axis(jnp.broadcast_to(k_pos, (batch, k_pos.shape[1])), last, axis=1)
+
+
+def _direction_spec(spec, options, heads: int, head_dim: int, causal: bool, lengths):
+    """The `EncodingSpec` for the factories: the given one (checked against the shapes),
+    or one built from the projected query's heads and head_dim."""
+    if spec is None:
+        return registry.EncodingSpec(
+            d_model=heads * head_dim,
+            num_heads=heads,
+            head_dim=head_dim,
+            max_positions=max(*lengths, 1),
+            causal=causal,
+            options=options,
+        )
+    if (heads, head_dim) != (spec.num_heads, spec.head_dim):
+        raise ValueError(
+            f"query heads and head_dim ({heads}, {head_dim}) do not match the spec "
+            f"(num_heads={spec.num_heads}, head_dim={spec.head_dim})"
+        )
+    return spec
+
+
 def make_attention_fn(
     encoding: str,
-    spec: registry.EncodingSpec,
     *,
+    implementation: str = "xla",
+    block_size: int | tuple[int, int] | None = None,
     q_positions: jax.Array | None = None,
     k_positions: jax.Array | None = None,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    implementation: str = "xla",
-    block_size: int | tuple[int, int] | None = None,
+    spec: registry.EncodingSpec | None = None,
+    **options: Mapping[str, Any],
 ) -> Callable[..., jax.Array]:
-    """An `attention_fn` for `flax.linen.MultiHeadDotProductAttention` with an encoding.
+    """An `attention_fn` for Flax attention layers that applies a registered encoding.
 
-    The callable applies the registered encoding's attention terms (see
-    `jax_posenc.registry`), in the order of the parts of `encoding` ("rope",
-    "alibi", "rope+t5", ...): qk transforms (RoPE, xPos) rotate the projected queries
-    and keys, logit biases (ALiBi, T5, KERPLE, FIRE, ...) are summed, and one
-    relative-terms part (Shaw, Transformer-XL) is passed on; then `dot_product_attention`
-    runs with `causal=spec.causal` (the `EncodingSpec` default is causal).
+    Plug it into `flax.linen.MultiHeadDotProductAttention(attention_fn=...)` or
+    `flax.nnx.MultiHeadAttention(attention_fn=...)`. In the order of the parts of
+    `encoding` ("rope", "alibi", "rope+t5", ...), qk transforms (RoPE, xPos) rotate the
+    projected queries and keys, logit biases (ALiBi, T5, KERPLE, FIRE, ...) are summed,
+    relative terms (Shaw, Transformer-XL) are added up, and `dot_product_attention` runs.
+
+    Shapes: heads and head_dim come from the projected query at call time; an
+    `EncodingSpec` is only needed to pin them (it is checked against the query).
+
+    Masks and causality, as Flax has them: `mask` is bool or numeric (nonzero = attend,
+    as `nn.make_causal_mask` / `nn.make_attention_mask` return float32), and attention is
+    causal only if the mask says so or the caller passes `is_causal=True` (NNX does).
+    Nothing is causal by default. Direction-aware encodings are built for causal use
+    when `is_causal` is set or `spec.causal` is True (T5's one-sided buckets); otherwise
+    T5 uses its bidirectional buckets, which under a causal mask is still valid. xPos is
+    causal-only: it always needs a causal mask.
+
+    Decoding: under Flax's `decode=True` the layer passes one query, the whole cache of
+    raw keys and a mask that allows the filled slots. The query's position is then read
+    from the mask: it is the position of the last key it may attend to (the cache
+    index). Keys are transformed at their own positions on every step, so RoPE and xPos
+    stay exact at any position. This rule applies whenever `Lq != Lk`, a mask is given
+    and `q_positions` is not.
 
     Parameters: the encoding's modules are built by the registry factories when the
     callable runs. Inside a linen module (the usual case: the attention layer calls it
@@ -753,37 +890,41 @@ def make_attention_fn(
     `flax.nnx.MultiHeadAttention`), only parameter-free encodings work (RoPE, xPos,
     ALiBi, ...); a learned one raises a ValueError.
 
-    Positions: `q_positions` and `k_positions` (`[L]` or `[B, L]`) are fixed when the
-    callable is made, so build it where the positions are known (e.g. in the model's
-    `__call__`); when None they default as in `dot_product_attention`. Flax's own
-    `decode=True` cache is not supported for position-dependent encodings, because it
-    does not tell `attention_fn` the query position: use `KVCache` instead.
-
     Args:
       encoding: a registered name or "+" combination whose parts contribute a qk
         transform, a logit bias or relative terms (input embeddings are rejected:
         they belong to the token embedding, not to attention).
-      spec: the `EncodingSpec` given to the factories; its `num_heads` and `head_dim`
-        must match the projected queries.
-      q_positions: optional integer positions of the queries.
-      k_positions: optional integer positions of the keys.
-      segment_ids: optional segment ids, as in `dot_product_attention`.
       implementation: "xla" or "blockwise".
       block_size: blockwise block size, as in `dot_product_attention`.
+      q_positions: optional integer positions of the queries `[Lq]` or `[B, Lq]`.
+      k_positions: optional integer positions of the keys; default `arange(Lk)`.
+      segment_ids: optional segment ids, as in `dot_product_attention`.
+      spec: optional `EncodingSpec`; its `options` are used when given.
+      **options: per-part options keyed by part name, e.g. `rope={"base": 5e5}` or
+        `alibi={"form": "causal"}`; a name that is not a part of `encoding` raises.
 
     Returns:
-      `attention_fn(query, key, value, mask=None, ...) -> [B, Lq, H, D]`, accepting the
-      keywords that `flax.linen.MultiHeadDotProductAttention` and
-      `flax.nnx.MultiHeadAttention` pass (`is_causal=True` adds causality). Attention
-      dropout, a matmul `precision` and sowing the weights are not implemented: a
-      nonzero `dropout_rate` with `deterministic=False`, a `precision` or a `module`
-      (`sow_weights=True`) raises.
+      `attention_fn(query, key, value, mask=None, ..., is_causal=False) -> [B, Lq, H, D]`,
+      accepting the keywords Flax passes. Attention dropout, a matmul `precision` and
+      sowing the weights are not implemented: a nonzero `dropout_rate` with
+      `deterministic=False`, a `precision` or a `module` (`sow_weights=True`) raises.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> layer = nn.MultiHeadDotProductAttention(
+      ...     num_heads=4, qkv_features=64, attention_fn=pe.make_attention_fn("rope+alibi"))
+      >>> x = jnp.ones((2, 16, 64))
+      >>> params = layer.init(jax.random.key(0), x, mask=nn.make_causal_mask(x[..., 0]))
     """
-    if not isinstance(spec, registry.EncodingSpec):
-        raise TypeError(f"spec must be an EncodingSpec, got {spec!r}")
+    if spec is not None and not isinstance(spec, registry.EncodingSpec):
+        raise TypeError(f"spec must be an EncodingSpec or None, got {spec!r}")
     _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
     _block_sizes(block_size)
     parts = registry.resolve(encoding)
+    options = registry.freeze_options(options, encoding)
+    if spec is not None and options:
+        raise ValueError("give encoding options either in spec.options or as keywords, not both")
     for part in parts:
         if part.input_embedding is not None:
             raise ValueError(
@@ -791,8 +932,6 @@ def make_attention_fn(
                 "the token embeddings, not applied inside attention; use it in the model "
                 "and pass only its attention parts to make_attention_fn"
             )
-    if sum(part.relative_terms is not None for part in parts) > 1:
-        raise ValueError(f"encoding {encoding!r} combines more than one relative-terms part")
 
     def attention_fn(
         query: jax.Array,
@@ -822,41 +961,57 @@ def make_attention_fn(
                 "blockwise attention never forms them"
             )
         _check_attention_inputs(query, key, value)
-        if query.shape[2:] != (spec.num_heads, spec.head_dim):
-            raise ValueError(
-                f"query heads and head_dim {query.shape[2:]} do not match the spec "
-                f"(num_heads={spec.num_heads}, head_dim={spec.head_dim})"
-            )
-        batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
+        batch, q_len, heads, head_dim = query.shape
+        k_len = key.shape[1]
+        causal_encodings = bool(is_causal) or any(part.causal_only for part in parts)
+        part_spec = _direction_spec(
+            spec, options, heads, head_dim, causal_encodings, (q_len, k_len)
+        )
+        mask = (
+            None if mask is None else _mask_as_rank4(_flax_mask(mask), (batch, heads, q_len, k_len))
+        )
         q_seg, k_seg, restart = _resolve_segments(segment_ids, q_len, k_len, batch)
+        q_pos = q_positions
+        if q_pos is None and q_len != k_len and mask is not None:
+            k_default = jnp.arange(k_len) if k_positions is None else k_positions
+            q_pos = _positions_from_mask(
+                mask, _batched_ids("k_positions", k_default, k_len, batch), q_len
+            )
         q_pos, k_pos = _resolve_positions(
-            q_positions,
+            q_pos,
             k_positions,
             (q_len, k_len),
             batch,
             (q_seg, k_seg) if restart else None,
-            needed=spec.causal or is_causal or any(part.contributes for part in parts),
+            needed=is_causal or any(part.contributes for part in parts),
         )
-        bias_fns, relative_terms = [], None
+        bias_fns, relative_terms = [], []
         for part in parts:
             if part.qk_transform is not None:
                 query, key = _evaluate(
-                    part.qk_transform(spec), lambda m, *args: m(*args), query, key, q_pos, k_pos
+                    part.qk_transform(part_spec),
+                    lambda m, *args: m(*args),
+                    query,
+                    key,
+                    q_pos,
+                    k_pos,
                 )
             if part.logit_bias is not None:
-                bias_fns.append(_evaluate(part.logit_bias(spec), lambda m: m.bias_fn()))
+                bias_fns.append(_evaluate(part.logit_bias(part_spec), lambda m: m.bias_fn()))
             if part.relative_terms is not None:
-                relative_terms = _evaluate(part.relative_terms(spec), lambda m: m.terms())
+                relative_terms.append(
+                    _evaluate(part.relative_terms(part_spec), lambda m: m.terms())
+                )
         out = dot_product_attention(
             query,
             key,
             value,
             bias_fn=_protocols.sum_of(bias_fns),
-            relative_terms=relative_terms,
+            relative_terms=_protocols.sum_relative_terms(relative_terms),
             q_positions=q_pos,
             k_positions=k_pos,
             mask=mask,
-            causal=spec.causal or is_causal,
+            causal=bool(is_causal),
             segment_ids=segment_ids,
             implementation=implementation,
             block_size=block_size,

@@ -38,16 +38,19 @@ from jax_posenc import _checks
 from jax_posenc._protocols import BiasFn
 
 KERPLE_VARIANTS = ("log", "power")
+ALIBI_FORMS = ("symmetric", "causal")
 
 MlpLayers = Sequence[tuple[jax.Array, jax.Array]]
 
 
 def _distances(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-    """`k_pos - q_pos` as int32 `[B or 1, bq, bk]` after validating both position arrays."""
+    """`k_pos - q_pos` as int32 `[B or 1, bq, bk]` after validating both position arrays.
+
+    Exact for every pair of int32 positions less than 2^31 apart; farther pairs get the
+    largest int32 distance with the right sign instead of wrapping around.
+    """
     q_positions, k_positions = _checks.check_position_pair(q_positions, k_positions)
-    q = q_positions.astype(jnp.int32)[:, :, None]
-    k = k_positions.astype(jnp.int32)[:, None, :]
-    return k - q
+    return _checks.saturating_difference(k_positions[:, None, :], q_positions[:, :, None])
 
 
 def _heads_first(values: jax.Array) -> jax.Array:
@@ -131,27 +134,31 @@ def alibi_bias(
     k_positions: jax.Array,
     slopes: jax.Array | np.ndarray,
     *,
-    bidirectional: bool = False,
+    form: str = "symmetric",
 ) -> jax.Array:
     """ALiBi logit bias (Press et al., 2022).
 
-    * causal (`bidirectional=False`): `-slope * (q_pos - k_pos)`, the paper's form; keys
-      after the query are expected to be masked (there the value is positive).
-    * bidirectional: `-slope * |q_pos - k_pos|` (symmetric distance).
+    * `form="symmetric"` (default): `-slope * |q_pos - k_pos|`, the convention of
+      flash-attn, x-transformers and MPT. It penalises keys in both directions, so it is
+      safe without a causal mask, and equals the paper's form wherever a causal mask
+      allows attention.
+    * `form="causal"`: `-slope * (q_pos - k_pos)`, the paper's literal form; it is
+      positive for keys after the query, so use it only under a causal mask.
 
     Args:
       q_positions: integer `[B or 1, bq]` (or `[bq]`).
       k_positions: integer `[B or 1, bk]` (or `[bk]`).
       slopes: `[H]` per-head slopes (e.g. `alibi_slopes(H)` or a shard's slice of them).
-      bidirectional: use the symmetric distance.
+      form: "symmetric" or "causal" (see above).
 
     Returns:
       `[B or 1, H, bq, bk]` float32.
     """
+    _checks.check_choice("form", form, ALIBI_FORMS)
     slopes = _check_head_vector("slopes", slopes)
     _check_positive_if_concrete("slopes", slopes)
     distance = _distances(q_positions, k_positions)
-    if bidirectional:
+    if form == "symmetric":
         distance = -jnp.abs(distance)
     return distance.astype(jnp.float32)[:, None] * slopes[None, :, None, None]
 
@@ -174,19 +181,20 @@ class AlibiBias(nn.Module):
       num_heads: number of heads H.
       slopes: explicit `[H]` slopes as a tuple (a tensor-parallel shard passes its slice of
         the global slopes); None uses `alibi_slopes(num_heads)`.
-      bidirectional: symmetric distance `|q - k|` instead of the causal `q - k`.
+      form: "symmetric" (default, `-slope * |q - k|`) or "causal" (`-slope * (q - k)`,
+        only under a causal mask); see `alibi_bias`.
     """
 
     num_heads: int
     slopes: tuple[float, ...] | None = None
-    bidirectional: bool = False
+    form: str = "symmetric"
 
     def bias_fn(self) -> BiasFn:
         """Pure `bias_fn(q_positions, k_positions) -> [B or 1, H, bq, bk]`."""
         return functools.partial(
             alibi_bias,
             slopes=alibi_module_slopes(self.num_heads, self.slopes),
-            bidirectional=self.bidirectional,
+            form=_checks.check_choice("form", self.form, ALIBI_FORMS),
         )
 
     def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
@@ -271,8 +279,9 @@ def t5_relative_position_bucket(
       int32 buckets in `[0, num_buckets)`, same shape as `relative_position`.
     """
     per_direction, max_exact = check_t5_bucket_settings(bidirectional, num_buckets, max_distance)
-    relative_position = _checks.check_integer_array("relative_position", relative_position)
-    relative_position = relative_position.astype(jnp.int32)
+    relative_position = _checks.check_positions("relative_position", relative_position)
+    # -(-2^31) wraps to itself in int32; one less is as far in every bucket.
+    relative_position = jnp.maximum(relative_position, -_checks.INT32_MAX)
     if bidirectional:
         offset = jnp.where(relative_position > 0, per_direction, 0)
         distance = jnp.abs(relative_position)

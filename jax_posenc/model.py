@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import chex
@@ -39,17 +38,6 @@ MLPS = ("gelu", "swiglu")
 ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ATTENTION_ROLES = ("qk_transform", "logit_bias", "relative_terms")
-
-
-def _freeze_options(options: Mapping[str, Mapping[str, Any]]):
-    if not isinstance(options, Mapping):
-        raise TypeError(f"encoding_options must be a mapping of mappings, got {options!r}")
-    frozen = []
-    for name, values in sorted(options.items()):
-        if not isinstance(values, Mapping):
-            raise TypeError(f"encoding_options[{name!r}] must be a mapping, got {values!r}")
-        frozen.append((name, tuple(sorted(values.items()))))
-    return tuple(frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +62,16 @@ class TransformerConfig:
       block_size: key block size of the blockwise implementation.
       dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32 and the
         logits are returned in float32.
-      encoding_options: per-encoding settings, e.g. `{"rope": {"base": 500000.0}}`,
-        passed to the factories through `EncodingSpec.options`. Stored as sorted
-        tuples so the config stays hashable; read them back with `options`.
+      encoding_options: per-encoding settings keyed by part name, e.g.
+        `{"rope": {"base": 500000.0, "scaling": {"rope_type": "llama3", ...}}}`, passed
+        to the factories through `EncodingSpec.options`. Frozen into a hashable
+        `FrozenDict` (nested dicts, lists and arrays included) so the config can be a
+        static argument of `jax.jit`; an entry for a name that is not a part of
+        `encoding` raises.
+      remat: recompute each block's activations in the backward pass (`nn.remat`),
+        trading compute for memory in long-context training.
+      scan_layers: run the blocks as one `nn.scan` over stacked parameters (one
+        compiled block instead of `num_layers`; parameters gain a leading layer axis).
     """
 
     encoding: str = "rope"
@@ -93,7 +88,9 @@ class TransformerConfig:
     attention: str = "xla"
     block_size: int = 128
     dtype: str = "float32"
-    encoding_options: Any = ()
+    encoding_options: Any = None
+    remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         registry.resolve(self.encoding)
@@ -116,8 +113,13 @@ class TransformerConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.kv_heads}"
             )
-        if isinstance(self.encoding_options, Mapping):
-            object.__setattr__(self, "encoding_options", _freeze_options(self.encoding_options))
+        for name in ("remat", "scan_layers", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        options = registry.freeze_options(
+            self.encoding_options, self.encoding, name="encoding_options"
+        )
+        object.__setattr__(self, "encoding_options", options)
 
     @property
     def head_dim(self) -> int:
@@ -137,8 +139,8 @@ class TransformerConfig:
 
     @property
     def options(self) -> dict[str, dict[str, Any]]:
-        """`encoding_options` as a dict of dicts."""
-        return {name: dict(values) for name, values in self.encoding_options}
+        """`encoding_options` as a dict of (frozen) dicts."""
+        return {name: values for name, values in self.encoding_options.items()}
 
     def encoding_spec(self) -> registry.EncodingSpec:
         """The `EncodingSpec` every registry factory of this model receives."""
@@ -244,6 +246,21 @@ class Block(nn.Module):
         return x + MLP(self.config, name="mlp")(_norm(self.config)(x))
 
 
+class _Carried:
+    """Adapts a block `(x, positions, segment_ids) -> x` to `nn.scan`'s carry form."""
+
+    @staticmethod
+    def wrap(block: type[nn.Module]) -> type[nn.Module]:
+        class ScannedBlock(nn.Module):
+            config: TransformerConfig
+
+            @nn.compact
+            def __call__(self, x, positions, segment_ids):
+                return block(self.config, name="block")(x, positions, segment_ids), None
+
+        return ScannedBlock
+
+
 class Transformer(nn.Module):
     """Decoder-only language model; see the module docstring and `TransformerConfig`.
 
@@ -264,7 +281,17 @@ class Transformer(nn.Module):
                 setattr(self, f"{part.name}_input_embedding", part.input_embedding(spec))
                 names.append(f"{part.name}_input_embedding")
         self.input_embedding_names = tuple(names)
-        self.layers = [Block(config) for _ in range(config.num_layers)]
+        block = nn.remat(Block) if config.remat else Block
+        if config.scan_layers:
+            self.layers = nn.scan(
+                _Carried.wrap(block),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=config.num_layers,
+            )(config, name="layers")
+        else:
+            self.layers = [block(config) for _ in range(config.num_layers)]
         self.final_norm = _norm(config)
         if not config.tie_embeddings:
             self.unembed = nn.Dense(config.vocab_size, dtype=config.compute_dtype, use_bias=False)
@@ -286,7 +313,7 @@ class Transformer(nn.Module):
                     f"max_positions={max_positions}; raise max_positions"
                 )
             return jnp.arange(length, dtype=jnp.int32)[None]
-        positions = _checks.check_integer_array("positions", positions)
+        positions = _checks.check_positions("positions", positions)
         _checks.check_rank("positions", positions, (1, 2))
         if positions.shape[-1] != length or (
             positions.ndim == 2 and positions.shape[0] not in (1, batch)
@@ -326,12 +353,25 @@ class Transformer(nn.Module):
         """
         tokens = _checks.check_integer_array("tokens", tokens)
         _checks.check_rank("tokens", tokens, 2)
+        vocab_size = self.config.vocab_size
+        if _checks.is_concrete(tokens) and tokens.size:
+            # A gather past the table clamps, and Embed.attend would give NaN: refuse.
+            values = np.asarray(tokens)
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"tokens must lie in [0, vocab_size={vocab_size}), got values in "
+                    f"[{low}, {high}]"
+                )
         positions = self._positions(tokens, positions, segment_ids)
         x = self.token_embedding(tokens) * math.sqrt(self.config.d_model)
         for name in self.input_embedding_names:
             x = x + getattr(self, name)(positions).astype(x.dtype)
-        for layer in self.layers:
-            x = layer(x, positions, segment_ids)
+        if self.config.scan_layers:
+            x, _ = self.layers(x, positions, segment_ids)
+        else:
+            for layer in self.layers:
+                x = layer(x, positions, segment_ids)
         x = self.final_norm(x)
         tied = self.config.tie_embeddings
         logits = self.token_embedding.attend(x) if tied else self.unembed(x)

@@ -105,16 +105,14 @@ class AlibiBias(nnx.Module):
         num_heads: int,
         *,
         slopes: tuple[float, ...] | None = None,
-        bidirectional: bool = False,
+        form: str = "symmetric",
     ):
         self.slopes = tuple(float(s) for s in bias.alibi_module_slopes(num_heads, slopes))
-        self.bidirectional = bidirectional
+        self.form = _checks.check_choice("form", form, bias.ALIBI_FORMS)
 
     def bias_fn(self):
         """Pure `bias_fn(q_positions, k_positions) -> [B or 1, H, bq, bk]`."""
-        return functools.partial(
-            bias.alibi_bias, slopes=self.slopes, bidirectional=self.bidirectional
-        )
+        return functools.partial(bias.alibi_bias, slopes=self.slopes, form=self.form)
 
     def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
         return self.bias_fn()(q_positions, k_positions)

@@ -26,8 +26,58 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
+from flax.core import FrozenDict
 
 from jax_posenc import _checks, absolute, bias, relative, rope, rope_scaling
+
+
+def freeze(value: Any) -> Any:
+    """A hashable copy of an option value: mappings become `FrozenDict`s, lists, tuples
+    and NumPy arrays tuples, recursively (an HF scaling dict, a list of ALiBi slopes)."""
+    if isinstance(value, Mapping):
+        return FrozenDict({key: freeze(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(item) for item in value)
+    if isinstance(value, np.ndarray):
+        return freeze(value.tolist())
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"encoding option values must be hashable (or mappings, lists and arrays of "
+            f"hashable values), got {type(value).__name__}: {value!r}"
+        ) from None
+    return value
+
+
+def freeze_options(
+    options: Mapping[str, Mapping[str, Any]] | None,
+    encoding: str | None = None,
+    *,
+    name: str = "options",
+) -> FrozenDict:
+    """Per-encoding options as a hashable `FrozenDict` of `FrozenDict`s.
+
+    With `encoding` (a name or "+" combination), an entry for an encoding that is not
+    one of its parts raises, so a misspelt name is never silently ignored.
+    """
+    if options is None:
+        return FrozenDict()
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{name} must be a mapping of mappings, got {options!r}")
+    for part, values in options.items():
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{name}[{part!r}] must be a mapping, got {values!r}")
+    if encoding is not None:
+        parts = [part.name for part in resolve(encoding)]
+        unknown = sorted(set(options) - set(parts))
+        if unknown:
+            raise ValueError(
+                f"{name} for {unknown} do not belong to encoding {encoding!r}, whose parts "
+                f"are {parts}"
+            )
+    return freeze(options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +105,7 @@ class EncodingSpec:
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim", "max_positions"):
             _checks.check_positive_int(name, getattr(self, name))
+        object.__setattr__(self, "options", freeze_options(self.options))
 
     def take_options(self, encoding: str, allowed: Mapping[str, Any]) -> dict[str, Any]:
         """Returns `allowed` (the defaults) updated by `options[encoding]`; unknown keys raise."""
@@ -172,9 +223,9 @@ register(
 
 
 def _alibi(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("alibi", {"slopes": None})
+    options = spec.take_options("alibi", {"slopes": None, "form": "symmetric"})
     slopes = None if options["slopes"] is None else tuple(options["slopes"])
-    return bias.AlibiBias(spec.num_heads, slopes=slopes, bidirectional=not spec.causal)
+    return bias.AlibiBias(spec.num_heads, slopes=slopes, form=options["form"])
 
 
 def _t5(spec: EncodingSpec) -> nn.Module:

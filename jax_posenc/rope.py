@@ -179,8 +179,12 @@ def _check_activations(name: str, x: jax.Array) -> jax.Array:
 
 
 def _position_rows(name: str, positions: jax.Array, x_name: str, x: jax.Array) -> jax.Array:
-    """Validates `positions` `[S]` or `[B or 1, S]` against `x` `[B, S, H, D]`; returns 2-D."""
-    positions = _checks.check_real_array(name, positions)
+    """Validates `positions` `[S]` or `[B or 1, S]` against `x` `[B, S, H, D]`; returns 2-D.
+
+    Integer positions must fit int32 (`_checks.check_positions`); fractional positions
+    are accepted as floats.
+    """
+    positions = _checks.check_positions(name, positions, allow_float=True)
     batch, seq = x.shape[:2]
     rows = positions[None] if positions.ndim == 1 else positions
     if rows.ndim != 2 or rows.shape[1] != seq or rows.shape[0] not in (1, batch):
@@ -575,10 +579,19 @@ def apply_xpos(
     The reference position `c` cancels in every score but keeps each factor finite: it
     is computed in float32 from the exact integer offset `n - c` (never from `n` alone,
     whose factor over- or underflows at long positions). By default `c` is the midpoint
-    of all query and key positions of each batch row. For KV-cache decoding the cached
-    keys must keep their scale, so pass a fixed `reference_position` for the whole
-    sequence. Factors stay finite as long as the positions in one call span less than
-    about 70k (float32/bf16 outputs) or 9k (float16 outputs) for `scale_base=512`.
+    of all query and key positions of each batch row, so the factors depend only on how
+    far apart the positions of one call are, not on where they sit: a call at positions
+    around 10^9 is as exact as one around 0. Decoding therefore works at any position
+    when each step transforms the whole cache of raw keys with the new query (what
+    `make_attention_fn` does under Flax's `decode=True`). A fixed `reference_position`
+    (for caches that store transformed keys, `jax_posenc.KVCache`) keeps the cached keys'
+    scale across steps, but only within the finite range around it.
+
+    Finite range: factors stay finite while every offset `|n - c|` is at most about
+    `(ln(dtype max) - ln 100) * scale_base / |ln zeta_0|`, i.e. ~34k for float32/bf16
+    and ~2.6k for float16 outputs with `scale_base=512`. Concrete positions beyond it
+    raise a ValueError; traced ones are clamped to it (the affected far-apart pairs get
+    a decay that is too weak, never inf or NaN).
 
     Args:
       q: `[B, Sq, Hq, D]` queries.
@@ -605,28 +618,50 @@ def apply_xpos(
     _check_layout(layout)
     scale_base = _checks.check_positive_float("scale_base", scale_base)
     k_positions = positions if k_positions is None else k_positions
-    q_rows = _checks.check_integer_array("positions", positions)
-    q_rows = _position_rows("positions", q_rows, "q", q)
-    k_rows = _checks.check_integer_array("k_positions", k_positions)
+    q_rows = _position_rows("positions", _checks.check_positions("positions", positions), "q", q)
+    k_rows = _checks.check_positions("k_positions", k_positions)
     k_rows = _position_rows("k_positions", k_rows, "k", k)
     rotary_dim, inv_freq, _ = _frequencies_for(rotary_dim, q.shape[-1], base, None, None, [])
 
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return q, k
+    log_zeta = _xpos_log_zeta(rotary_dim) / scale_base
+    # Largest |position - reference| whose factor zeta^(+-offset) stays finite (with a
+    # margin for |x| up to ~100) in the narrower of the two output dtypes.
+    narrowest = min(jnp.finfo(q.dtype).max, jnp.finfo(k.dtype).max)
+    limit = float(np.floor((np.log(narrowest) - np.log(100.0)) / -log_zeta.min()))
     if reference_position is None:
-        lowest = jnp.minimum(q_rows.min(axis=1), k_rows.min(axis=1)).astype(jnp.int32)
-        highest = jnp.maximum(q_rows.max(axis=1), k_rows.max(axis=1)).astype(jnp.int32)
-        reference = (lowest + (highest - lowest) // 2)[:, None]
+        lowest = jnp.minimum(q_rows.min(axis=1), k_rows.min(axis=1))
+        span = _checks.saturating_difference(
+            jnp.maximum(q_rows.max(axis=1), k_rows.max(axis=1)), lowest
+        )
+        reference = (lowest + span // 2)[:, None]
+        reference_name = "the midpoint of the positions of each row"
     else:
         reference = jnp.int32(_checks.check_int("reference_position", reference_position))
-    log_zeta = jnp.asarray(_xpos_log_zeta(rotary_dim) / scale_base, jnp.float32)
+        reference_name = f"reference_position={reference_position}"
+    offsets = [_checks.saturating_difference(rows, reference) for rows in (q_rows, k_rows)]
+    if all(_checks.is_concrete(x) for x in (q_rows, k_rows, reference)):
+        farthest = max(int(np.abs(np.asarray(x)).max()) for x in offsets)
+        if farthest > limit:
+            raise ValueError(
+                f"xPos positions lie up to {farthest} from {reference_name}, but the factors "
+                f"zeta^(+-offset/scale_base) stay finite in {jnp.dtype(q.dtype).name} only "
+                f"within {int(limit)}: decode with the default per-call reference (apply xPos "
+                "to the whole cache each step, as make_attention_fn does under Flax's "
+                "decode=True) or keep the positions of one call closer together"
+            )
+    log_zeta = jnp.asarray(log_zeta, jnp.float32)
 
-    def scaled_tables(rows: jax.Array, sign: float):
-        offset = (rows.astype(jnp.int32) - reference).astype(jnp.float32)
+    def scaled_tables(rows: jax.Array, offset: jax.Array, sign: float):
+        # Traced offsets past the finite range are clamped (documented above).
+        offset = jnp.clip(offset, -limit, limit).astype(jnp.float32)
         scale = jnp.exp(sign * offset[:, :, None, None] * log_zeta)
         cos, sin = _tables(rows, inv_freq, 1.0, angle_precision)
         return cos * scale, sin * scale
 
-    q_out = _rotate(q, *scaled_tables(q_rows, 1.0), layout)
-    k_out = _rotate(k, *scaled_tables(k_rows, -1.0), layout)
+    q_out = _rotate(q, *scaled_tables(q_rows, offsets[0], 1.0), layout)
+    k_out = _rotate(k, *scaled_tables(k_rows, offsets[1], -1.0), layout)
     return q_out, k_out
 
 

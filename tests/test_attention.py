@@ -496,10 +496,10 @@ class _Encoded(nn.Module):
     @nn.compact
     def __call__(self, q, k, v, mask=None, q_positions=None, segment_ids=None):
         attention_fn = pe.make_attention_fn(
-            self.encoding, self.spec, q_positions=q_positions, segment_ids=segment_ids,
+            self.encoding, spec=self.spec, q_positions=q_positions, segment_ids=segment_ids,
             implementation=self.implementation, block_size=self.block_size,
         )  # fmt: skip
-        return attention_fn(q, k, v, mask=mask)
+        return attention_fn(q, k, v, mask=mask, is_causal=self.spec.causal)
 
 
 def _perturbed(params, seed=0):
@@ -694,8 +694,11 @@ _ADAPTER_POSITIONS = 3 + np.arange(10, dtype=np.int32)
 
 def _adapter(name):
     return pe.make_attention_fn(
-        name, _ADAPTER_SPEC, q_positions=_ADAPTER_POSITIONS, k_positions=_ADAPTER_POSITIONS
+        name, spec=_ADAPTER_SPEC, q_positions=_ADAPTER_POSITIONS, k_positions=_ADAPTER_POSITIONS
     )
+
+
+_CAUSAL_MASK = nn.make_causal_mask(np.zeros((2, 10)))  # float32, as Flax makes it
 
 
 @pytest.mark.parametrize("name", ["rope", "alibi", "t5"])
@@ -704,8 +707,8 @@ def test_flax_attention_layer_with_encoding_matches_hand_written_attention(name)
         num_heads=2, qkv_features=16, attention_fn=_adapter(name)
     )
     x = _normal(5, (2, 10, 16))
-    variables = _perturbed(jax.jit(layer.init)(jax.random.key(0), x))
-    got = jax.jit(layer.apply)(variables, x)
+    variables = _perturbed(jax.jit(layer.init)(jax.random.key(0), x, mask=_CAUSAL_MASK))
+    got = jax.jit(layer.apply)(variables, x, mask=_CAUSAL_MASK)
     want = _hand_written_attention(name, variables["params"], x, _ADAPTER_POSITIONS)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
@@ -721,28 +724,34 @@ def test_nnx_attention_layer_with_a_parameter_free_encoding_matches_hand_written
         for part in ("query", "key", "value", "out")
     }
     want = _hand_written_attention("rope", params, x, _ADAPTER_POSITIONS)
-    np.testing.assert_allclose(nnx.jit(lambda layer, x: layer(x))(layer, x), want, atol=2e-5)
+    got = nnx.jit(lambda layer, x: layer(x, mask=_CAUSAL_MASK))(layer, x)
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_attention_fn_outside_a_module_works_for_parameter_free_encodings_only():
-    spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=64, causal=False)
     q, k, v = _qkv(1, 6, 6, 2, 2, 8)
-    got = jax.jit(pe.make_attention_fn("alibi", spec))(q, k, v)
+    # No spec and no mask: heads come from q, and nothing is causal by default.
+    got = jax.jit(pe.make_attention_fn("alibi"))(q, k, v)
     distance = np.abs(np.arange(6)[:, None] - np.arange(6)[None, :])
     bias = -np.array([2.0**-4, 2.0**-8])[None, :, None, None] * distance
     np.testing.assert_allclose(got, attention_reference(q, k, v, bias=bias), atol=2e-6)
     with pytest.raises(ValueError, match="must run inside a linen module"):
-        pe.make_attention_fn("t5", spec)(q, k, v)
+        pe.make_attention_fn("t5")(q, k, v)
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda spec: pe.make_attention_fn("sinusoidal", spec), "contributes an input embedding"),
-        (lambda spec: pe.make_attention_fn("shaw+transformer_xl", spec), "more than one"),
-        (lambda spec: pe.make_attention_fn("alibi", {"num_heads": 2}), "spec must be an"),
-        (lambda spec: pe.make_attention_fn("alibi", spec, implementation="x"), "implementation"),
-        (lambda spec: pe.make_attention_fn("nope", spec), "unknown encoding"),
+        (lambda spec: pe.make_attention_fn("sinusoidal"), "contributes an input embedding"),
+        (lambda spec: pe.make_attention_fn("alibi", spec={"num_heads": 2}), "spec must be an"),
+        (lambda spec: pe.make_attention_fn("alibi", implementation="x"), "implementation"),
+        (lambda spec: pe.make_attention_fn("nope"), "unknown encoding"),
+        (lambda spec: pe.make_attention_fn("rope", rpoe={"base": 5e5}), "do not belong"),
+        (
+            lambda spec: pe.make_attention_fn("rope", rope={"bsae": 5e5})(*_qkv(1, 4, 4, 2, 2, 8)),
+            "not understood",
+        ),
+        (lambda spec: pe.make_attention_fn("rope", spec=spec, rope={}), "not both"),
     ],
 )
 def test_make_attention_fn_rejects_bad_configuration(call, match):
@@ -753,7 +762,7 @@ def test_make_attention_fn_rejects_bad_configuration(call, match):
 
 def test_attention_fn_checks_heads_and_refuses_what_it_cannot_do():
     spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=64)
-    attention_fn = pe.make_attention_fn("alibi", spec)
+    attention_fn = pe.make_attention_fn("alibi", spec=spec)
     q, k, v = _qkv(1, 4, 4, 4, 4, 8)
     with pytest.raises(ValueError, match="do not match the spec"):
         attention_fn(q, k, v)
@@ -767,9 +776,8 @@ def test_attention_fn_checks_heads_and_refuses_what_it_cannot_do():
 
 
 def test_attention_fn_is_causal_keyword_adds_causality():
-    spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=64, causal=False)
     q, k, v = _qkv(1, 5, 5, 2, 2, 8)
-    got = jax.jit(functools.partial(pe.make_attention_fn("none", spec), is_causal=True))(q, k, v)
+    got = jax.jit(functools.partial(pe.make_attention_fn("none"), is_causal=True))(q, k, v)
     positions = np.arange(5)
     want = attention_reference(q, k, v, allowed=positions[:, None] >= positions[None, :])
     np.testing.assert_allclose(got, want, atol=2e-6)

@@ -57,9 +57,7 @@ _R1 = jnp.array([0.5, 1.0, 2.0, 3.0])
 _R2 = jnp.array([0.1, 0.5, 1.0, 1.9])
 TRANSLATION_INVARIANT = {
     "alibi": functools.partial(pe.alibi_bias, slopes=pe.alibi_slopes(H)),
-    "alibi_bidirectional": functools.partial(
-        pe.alibi_bias, slopes=pe.alibi_slopes(H), bidirectional=True
-    ),
+    "alibi_causal_form": functools.partial(pe.alibi_bias, slopes=pe.alibi_slopes(H), form="causal"),
     "t5": functools.partial(pe.t5_bias, _T5_TABLE),
     "t5_causal": functools.partial(pe.t5_bias, _T5_TABLE, bidirectional=False),
     "kerple_log": functools.partial(pe.kerple_bias, r1=_R1, r2=_R2, variant="log"),
@@ -180,17 +178,19 @@ def test_alibi_slopes_match_the_closed_form_for_1_to_64_heads():
 
 class AlibiVariantsTest(parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(True, False)
-    def test_matches_reference(self, bidirectional):
+    @parameterized.parameters("symmetric", "causal")
+    def test_matches_reference(self, form):
         q_positions = np.array([[3, 4, 10**6], [0, 1, 2]], dtype=np.int32)
         k_positions = np.array([[0, 4, 10**6 - 7, 10**6 + 3]], dtype=np.int32)
         slopes = pe.alibi_slopes(6)
-        got = self.variant(lambda q, k: pe.alibi_bias(q, k, slopes, bidirectional=bidirectional))(
+        got = self.variant(lambda q, k: pe.alibi_bias(q, k, slopes, form=form))(
             q_positions, k_positions
         )
         chex.assert_shape(got, (2, 6, 3, 4))
         chex.assert_type(got, jnp.float32)
-        expected = alibi_reference(q_positions, k_positions, slopes, bidirectional=bidirectional)
+        expected = alibi_reference(
+            q_positions, k_positions, slopes, bidirectional=form == "symmetric"
+        )
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -562,8 +562,8 @@ def test_nnx_gradients_reach_every_parameter():
 
 def test_nnx_alibi_matches_linen():
     positions = jnp.arange(10)
-    twin = pe_nnx.AlibiBias(6, bidirectional=True)
-    linen = pe.AlibiBias(6, bidirectional=True)
+    twin = pe_nnx.AlibiBias(6, form="causal")
+    linen = pe.AlibiBias(6, form="causal")
     np.testing.assert_array_equal(twin(positions, positions), linen.apply({}, positions, positions))
 
 
@@ -587,14 +587,21 @@ def test_bias_encodings_build_a_module_whose_bias_fn_has_the_protocol_shape(name
     chex.assert_shape(got, (1, H, 3, 5))
 
 
-def test_registry_direction_follows_spec_causal():
+def test_registry_alibi_causal_form_by_name():
     positions = jnp.arange(6)
+    alibi = pe.get_encoding("alibi").logit_bias(_spec(alibi={"form": "causal"}))
+    expected = alibi_reference(positions, positions, pe.alibi_slopes(H), bidirectional=False)
+    np.testing.assert_allclose(np.asarray(alibi.apply({}, positions, positions)), expected)
+    assert float(expected[0, 0, 0, 5]) > 0  # the causal form rewards keys after the query
+
+
+def test_registry_alibi_is_symmetric_by_default_and_t5_direction_follows_spec_causal():
+    positions = jnp.arange(6)
+    symmetric = alibi_reference(positions, positions, pe.alibi_slopes(H), bidirectional=True)
     for causal in (True, False):
+        # Keys after the query are penalised even without a mask, whatever the spec says.
         alibi = pe.get_encoding("alibi").logit_bias(_spec(causal=causal))
-        expected = alibi_reference(
-            positions, positions, pe.alibi_slopes(H), bidirectional=not causal
-        )
-        np.testing.assert_allclose(np.asarray(alibi.apply({}, positions, positions)), expected)
+        np.testing.assert_allclose(np.asarray(alibi.apply({}, positions, positions)), symmetric)
         t5 = pe.get_encoding("t5").logit_bias(_spec(causal=causal))
         assert t5.bidirectional is (not causal)
 
