@@ -13,8 +13,10 @@
 * Checkpoints: `orbax.checkpoint.CheckpointManager` saves the train state every
   `checkpoint_every` steps and at the end; `train` resumes from the latest checkpoint
   in its directory, so a killed run restarted with the same command continues where it
-  stopped and reproduces the uninterrupted run. The configuration is stored next to the
-  checkpoints and a restart with a different one is refused.
+  stopped and reproduces the uninterrupted run. A checkpoint that cannot be restored
+  (a file cut short) is skipped with a warning for the one before it. The
+  configuration is stored next to the checkpoints and a restart with a different one
+  is refused.
 * Run-time checks: the init, step and evaluation functions are jitted through
   `jax.experimental.checkify.checkify` (user checks), so a model whose learned table
   uses `mode="error"` trains, and a position past its table raises a ValueError on the
@@ -26,11 +28,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
+import sys
 import time
+import types
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,7 @@ from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jax_posenc import _checks, data
+from jax_posenc import _checks, _files, data
 
 DATA_AXIS = "data"
 
@@ -317,14 +324,16 @@ def _config_record(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
 def _check_same_config(directory: Path, record: dict[str, Any]) -> None:
     path = directory / "train_config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = _files.read_json(path)
         if saved != record:
+            saved_train = saved.get("train")
+            saved_train = saved_train if isinstance(saved_train, dict) else {}
             changed = [
                 f"train.{key}"
                 for key, value in record["train"].items()
-                if saved["train"].get(key) != value
+                if saved_train.get(key) != value
             ]
-            if saved["model"] != record["model"]:
+            if saved.get("model") != record["model"]:
                 changed.append("model")
             raise ValueError(
                 f"checkpoint directory {str(directory)!r} holds a run with a different "
@@ -339,9 +348,93 @@ def _check_same_config(directory: Path, record: dict[str, Any]) -> None:
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keeps the metric lines up to `last_step`: a resumed run rewrites what follows."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        records = _files.read_json_lines(path)
+        for number, record in enumerate(records, 1):
+            if not isinstance(record.get("step"), int):
+                raise ValueError(f"cannot read {str(path)!r}: record {number} has no integer step")
+        kept = [record for record in records if record["step"] <= last_step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an error message, at most 300 characters (TensorStore's run long)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """Orbax reads a checkpoint's arrays concurrently and closes its event loop at the
+    first error; the other reads then report into the closed loop ("Event loop is
+    closed") or are collected unawaited, each as a stderr traceback that names no file."""
+    return isinstance(unraisable.object, types.CoroutineType) or (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """Drops the reports of reads a failed restore abandoned (see `_is_abandoned_read`)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any = None
+) -> tuple[int, Any] | None:
+    """The newest checkpoint of `manager` that can be restored, as `(step, state)`.
+
+    A checkpoint that fails to restore (a file cut short or lost) is skipped with a
+    `UserWarning` naming its step, and the one before it is tried. Returns None when
+    `manager` holds no checkpoint.
+
+    Args:
+      manager: an orbax `CheckpointManager`.
+      abstract_state: the restored tree's structure, shapes and shardings (e.g.
+        `jax.tree.map(ocp.utils.to_shape_dtype_struct, state)`); None restores the saved
+        structure as NumPy/JAX arrays.
+
+    Raises:
+      ValueError: checkpoints exist but none of them can be restored.
+    """
+    failures = []
+    with _quiet_abandoned_reads():
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as error:  # TensorStore, OCDBT and JSON errors differ by file.
+                failures.append(f"step {step}: {_reason(error)}")
+                warnings.warn(
+                    f"checkpoint of step {step} in {str(manager.directory)!r} cannot be "
+                    f"restored ({_reason(error)}); falling back to the previous checkpoint",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                continue
+            if failures:
+                gc.collect()  # the abandoned reads, while their reports are dropped
+            return step, state
+        if failures:
+            gc.collect()
+    if failures:
+        raise ValueError(
+            f"no checkpoint in {str(manager.directory)!r} can be restored ("
+            + "; ".join(failures)
+            + "); delete the folder to start over"
+        )
+    return None
 
 
 def train(
@@ -363,8 +456,8 @@ def train(
       config: hyperparameters.
       tokens: `[N]` training byte stream (see `jax_posenc.data`).
       mesh: device mesh with a `data` axis; all devices when None.
-      checkpoint_dir: where orbax checkpoints go; the latest one is restored first.
-        None disables checkpointing.
+      checkpoint_dir: where orbax checkpoints go; the latest intact one is restored
+        first (see `restore_latest`). None disables checkpointing.
       metrics_path: JSON-lines file for metrics (rewritten from the resumed step on).
       progress: show a tqdm progress bar (process 0 only).
       description: progress-bar label.
@@ -385,9 +478,13 @@ def train(
         manager = ocp.CheckpointManager(
             directory / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
         )
-        if manager.latest_step() is not None:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-            state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        restored = restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+        if restored is not None:
+            step, state = restored
+            # Later (corrupted) checkpoints are replaced by the rerun of their steps.
+            for later in manager.all_steps():
+                if later > step:
+                    manager.delete(later)
     start = int(state.step)
     is_main = jax.process_index() == 0
     metrics_file = Path(metrics_path) if metrics_path is not None and is_main else None

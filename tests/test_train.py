@@ -4,9 +4,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import flax.linen as nn
 import jax
@@ -145,13 +147,22 @@ RESUME_CONFIG = train.TrainConfig(
 )
 
 
-def test_killed_run_resumes_and_ends_like_an_uninterrupted_run(tmp_path, corpus):
-    model, config = RESUME_MODEL, RESUME_CONFIG
-    uninterrupted = train.train(model, config, corpus.train, progress=False)
+@pytest.fixture(scope="module")
+def uninterrupted(corpus):
+    return train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, progress=False)
 
-    def kill_after_step_7(step, metrics):
-        if step == 7:
+
+def kill_after(last_step):
+    def callback(step, metrics):
+        if step == last_step:
             raise Killed
+
+    return callback
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_run(tmp_path, corpus, uninterrupted):
+    model, config = RESUME_MODEL, RESUME_CONFIG
+    kill_after_step_7 = kill_after(7)
 
     run = dict(checkpoint_dir=tmp_path / "run", metrics_path=tmp_path / "run" / "metrics.jsonl")
     with pytest.raises(Killed):
@@ -172,6 +183,66 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_run(tmp_path, corpus)
     lines = [json.loads(line) for line in run["metrics_path"].read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 13))
     assert {"loss", "grad_norm", "learning_rate", "tokens_per_s"} <= set(lines[0])
+
+
+def _largest_file(directory):
+    return max(
+        (path for path in directory.rglob("*") if path.is_file()), key=lambda p: p.stat().st_size
+    )
+
+
+@pytest.mark.parametrize("damaged", ["array data", "_METADATA"])
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path, corpus, uninterrupted, damaged
+):
+    run = dict(checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(Killed):
+        train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, callback=kill_after(10), **run)
+    newest = tmp_path / "checkpoints" / "8"
+    assert sorted(int(p.name) for p in newest.parent.iterdir() if p.name.isdigit()) == [4, 8]
+    path = _largest_file(newest) if damaged == "array data" else newest / "default" / "_METADATA"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    with pytest.warns(
+        UserWarning, match=r"checkpoint of step 8 in .* cannot be restored"
+    ) as caught:
+        resumed = train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, **run)
+    assert "falling back to the previous checkpoint" in str(caught[0].message)
+    assert resumed.history[0]["step"] == 5
+    np.testing.assert_allclose(
+        resumed.history[-1]["loss"], uninterrupted.history[-1]["loss"], rtol=1e-5
+    )
+    # The damaged checkpoint was replaced by the rerun of its steps.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, **run)
+    assert again.history == [] and int(again.state.step) == 12
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path, corpus):
+    run = dict(checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(Killed):
+        train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, callback=kill_after(5), **run)
+    metadata = tmp_path / "checkpoints" / "4" / "default" / "_METADATA"
+    metadata.write_text(metadata.read_text()[:100])
+    with (
+        pytest.warns(UserWarning, match="step 4"),
+        pytest.raises(
+            ValueError, match=r"no checkpoint in .*checkpoints' can be restored \(step 4"
+        ),
+    ):
+        train.train(RESUME_MODEL, RESUME_CONFIG, corpus.train, **run)
+
+
+@pytest.mark.parametrize("name", ["train_config.json", "metrics.jsonl"])
+def test_corrupted_run_files_are_named_in_the_error(tmp_path, corpus, name):
+    config = dataclasses.replace(RESUME_CONFIG, steps=2)
+    run = dict(checkpoint_dir=tmp_path, metrics_path=tmp_path / "metrics.jsonl", progress=False)
+    train.train(RESUME_MODEL, config, corpus.train, **run)
+    path = tmp_path / name
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(ValueError, match=rf"cannot read '{re.escape(str(path))}': .*(JSON|line)"):
+        train.train(RESUME_MODEL, config, corpus.train, **run)
 
 
 def test_resuming_with_another_configuration_is_refused(tmp_path, corpus):
