@@ -19,8 +19,8 @@ Gallery (`gallery`, the `jax-posenc plot` command):
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from jax_posenc import absolute, registry, rope, rope_scaling
+from jax_posenc import _files, absolute, registry, rope, rope_scaling, train
 
 
 def _figure(**kwargs) -> Figure:
@@ -244,22 +244,43 @@ def plot_bias_matrices(
     return _save(figure, path)
 
 
-def _trained_bias_params(study_dir: Path, encoding: str):
-    """Layer-0 variables of `encoding`'s bias in a study's latest checkpoint, the sizes
-    of that model and a caption; None when the study has no such checkpoint."""
+_STUDY_KEYS = ("heads", "d_model", "eval_lens", "train_len")
+
+
+def _study_record(study_dir: Path) -> dict[str, Any]:
+    """The settings of the study in `study_dir`; ValueError unless it is a study folder."""
+    if not study_dir.is_dir():
+        raise ValueError(f"--study {str(study_dir)!r} is not a folder")
+    path = study_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"--study {str(study_dir)!r} is not a study folder (it has no config.json); "
+            "pass the --out folder of `jax-posenc study`"
+        )
+    record = _files.read_json(path)
+    missing = [key for key in _STUDY_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a study config.json: it lacks {missing}")
+    return record
+
+
+def _trained_bias_params(study_dir: Path, encoding: str, record: Mapping[str, Any]):
+    """Layer-0 variables of `encoding`'s bias in a study's latest intact checkpoint, the
+    sizes of that model and a caption; None when the study has no such checkpoint."""
     directory = study_dir / encoding / "checkpoints"
-    if not directory.exists():
+    if not directory.is_dir():
         return None
     manager = ocp.CheckpointManager(directory.absolute())
-    step = manager.latest_step()
-    state = None if step is None else manager.restore(step, args=ocp.args.StandardRestore())
-    manager.close()
-    if state is None:
+    try:
+        restored = train.restore_latest(manager)
+    finally:
+        manager.close()
+    if restored is None:
         return None
+    step, state = restored
     params = state["params"]["params"]["layers_0"]["attention"].get(f"{encoding}_logit_bias")
     if params is None:
         return None
-    record = json.loads((study_dir / "config.json").read_text())
     sizes = dict(
         num_heads=record["heads"],
         head_dim=record["d_model"] // record["heads"],
@@ -272,15 +293,46 @@ def _trained_bias_params(study_dir: Path, encoding: str):
     return {"params": params}, sizes, note
 
 
+def trained_biases(study_dir: str | Path) -> dict[str, tuple[Any, dict[str, int], str]]:
+    """`{encoding: (variables, sizes, caption)}` for every bias encoding a study trained.
+
+    Raises:
+      ValueError: `study_dir` is missing, not a study folder, or holds no trained model
+        with a logit bias.
+    """
+    study_dir = Path(study_dir)
+    record = _study_record(study_dir)
+    biases = [
+        name
+        for name in registry.available_encodings()
+        if registry.get_encoding(name).logit_bias is not None
+    ]
+    trained = {}
+    for encoding in biases:
+        found = _trained_bias_params(study_dir, encoding, record)
+        if found is not None:
+            trained[encoding] = found
+    if not trained:
+        raise ValueError(
+            f"--study {str(study_dir)!r} holds no trained model with a logit bias "
+            f"(one of {', '.join(biases)}); train one with `jax-posenc study --encodings ...`"
+        )
+    return trained
+
+
 def gallery(out_dir: str | Path, *, study_dir: str | Path | None = None) -> list[Path]:
-    """Writes the gallery PNGs (see the module docstring) and returns their paths."""
+    """Writes the gallery PNGs (see the module docstring) and returns their paths.
+
+    With `study_dir`, the study is read (see `trained_biases`) before anything is written.
+    """
+    trained_by_encoding = {} if study_dir is None else trained_biases(study_dir)
     out_dir = Path(out_dir)
     paths = [plot_sinusoidal(out_dir / "sinusoidal.png")]
     paths.append(plot_rope_similarity(out_dir / "rope_similarity.png"))
     for encoding in registry.available_encodings():
         if registry.get_encoding(encoding).logit_bias is None:
             continue
-        trained = None if study_dir is None else _trained_bias_params(Path(study_dir), encoding)
+        trained = trained_by_encoding.get(encoding)
         if trained is None:
             note = (
                 "parameters at initialization (a study directory shows trained ones)"
@@ -309,7 +361,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Writes the gallery as `args` ask and prints the paths."""
-    for path in gallery(args.out, study_dir=args.study):
+    """Writes the gallery as `args` ask and prints the paths; 2 on a bad `--study`."""
+    try:
+        paths = gallery(args.out, study_dir=args.study)
+    except ValueError as error:
+        print(f"jax-posenc plot: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(f"wrote {path}")
     return 0

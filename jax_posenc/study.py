@@ -16,6 +16,8 @@ Outputs under `out_dir`: `config.json`, one directory per encoding (`checkpoints
 `metrics.jsonl`, `result.json`), `results.json`, `results.md` (the table) and
 `ppl_vs_length.png`. An interrupted study resumes with `resume=True` (`--resume`):
 finished encodings are read back, a half-trained one continues from its checkpoint.
+`overwrite=True` (`--overwrite`) replaces a study instead. Every setting is checked
+before the first write, so an invalid call leaves no folder behind.
 
 References:
   Press et al., 2022, Train Short, Test Long (the train-short / test-long protocol).
@@ -29,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -36,10 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jax_posenc import _checks, data, plots, registry, train
-from jax_posenc.model import Transformer, TransformerConfig
+from jax_posenc import _checks, _files, data, plots, registry, train
+from jax_posenc.model import (
+    ATTENTION_IMPLEMENTATIONS,
+    COMPUTE_DTYPES,
+    Transformer,
+    TransformerConfig,
+)
 
 DEFAULT_EVAL_TOKENS = 16_384
 
@@ -87,6 +96,15 @@ class StudyConfig:
     heldout_bytes: int = 300_000
 
     def __post_init__(self):
+        for name in ("steps", "d_model", "layers", "heads", "batch_size"):
+            _checks.check_positive_int(name, getattr(self, name))
+        for name in ("train_bytes", "heldout_bytes"):
+            _checks.check_positive_int(name, getattr(self, name))
+        _checks.check_min_int("eval_tokens", self.eval_tokens, 0)
+        _checks.check_min_int("seed", self.seed, 0)
+        _checks.check_positive_float("learning_rate", self.learning_rate)
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         encodings = tuple(self.encodings) or registry.available_encodings()
         for name in encodings:
             registry.resolve(name)
@@ -109,6 +127,9 @@ class StudyConfig:
             step = math.lcm(*self.eval_lens)
             object.__setattr__(self, "eval_tokens", step * max(1, -(-DEFAULT_EVAL_TOKENS // step)))
         object.__setattr__(self, "corpus", tuple(str(path) for path in self.corpus))
+        self.train_config()
+        for encoding in encodings:
+            self.model_config(encoding)
 
     def model_config(self, encoding: str) -> TransformerConfig:
         return TransformerConfig(
@@ -141,26 +162,70 @@ def _encoding_dir(out_dir: Path, encoding: str) -> Path:
     return out_dir / encoding
 
 
-def _check_study_dir(out_dir: Path, config: StudyConfig, resume: bool) -> None:
-    """Refuses to mix studies: without `resume` the directory must not hold one, and a
-    resumed study must have the same settings (it may list other encodings)."""
-    path = out_dir / "config.json"
-    if not path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config.record(), indent=1))
+# What a study writes into its folder; `--overwrite` removes these and nothing else.
+_STUDY_FILES = ("config.json", "results.json", "results.md", "ppl_vs_length.png")
+_ENCODING_FILES = ("train_config.json", "checkpoints", "metrics.jsonl", "result.json")
+
+
+def is_study_dir(path: str | Path) -> bool:
+    """True when `path` is a folder a study wrote (it holds `config.json`)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def _check_study_dir(out_dir: Path, config: StudyConfig, *, resume: bool, overwrite: bool):
+    """Refuses to mix studies, writing nothing: without `resume` or `overwrite` the
+    folder must not hold a study, and a resumed study must have the same settings (it
+    may list other encodings)."""
+    if resume and overwrite:
+        raise ValueError(
+            "--resume and --overwrite exclude each other (resume=True, overwrite=True)"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file, not a folder")
+    if not is_study_dir(out_dir) or overwrite:
         return
     if not resume:
         raise ValueError(
             f"{str(out_dir)!r} already holds a study; pass --resume (resume=True) to "
-            "continue it, or choose another --out directory"
+            "continue it, --overwrite (overwrite=True) to replace it, or choose another "
+            "--out directory"
         )
-    saved, current = json.loads(path.read_text()), config.record()
+    saved, current = _files.read_json(out_dir / "config.json"), config.record()
     changed = [k for k in current if k != "encodings" and saved.get(k) != current[k]]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ValueError(
-            f"cannot resume the study in {str(out_dir)!r} with different settings ({details})"
+            f"cannot resume the study in {str(out_dir)!r} with different settings ({details}); "
+            "pass --overwrite to replace it"
         )
+
+
+def _check_models(config: StudyConfig) -> None:
+    """Traces every encoding's model at the training length (shapes only, no compile),
+    so an encoding that cannot be built with these sizes fails before anything is written."""
+    tokens = jax.ShapeDtypeStruct((1, config.train_len), jnp.int32)
+    for encoding in config.encodings:
+        model = Transformer(config.model_config(encoding))
+        try:
+            jax.eval_shape(model.init, jax.random.key(0), tokens)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"encoding {encoding!r} with these settings: {error}") from error
+
+
+def _prepare_study_dir(out_dir: Path, config: StudyConfig, *, overwrite: bool) -> None:
+    """The first write of a study: clears a replaced study's outputs, records the config."""
+    if overwrite and is_study_dir(out_dir):
+        for child in out_dir.iterdir():
+            study_output = child.name in _STUDY_FILES or (
+                child.is_dir() and any((child / name).exists() for name in _ENCODING_FILES)
+            )
+            if study_output and child.is_dir():
+                shutil.rmtree(child)
+            elif study_output:
+                child.unlink()
+    if not is_study_dir(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config.record(), indent=1))
 
 
 def run_encoding(
@@ -240,15 +305,20 @@ def run_study(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs the study; see the module docstring.
 
+    Everything (settings, corpus, that every encoding's model can be built) is checked
+    before the first write, so an invalid call leaves no folder behind.
+
     Args:
       config: the study settings.
       out_dir: output directory (created).
       resume: continue a study already in `out_dir` (same settings required).
+      overwrite: replace a study already in `out_dir` (its outputs are deleted).
       progress: show tqdm progress bars while training.
       log: where progress lines go.
 
@@ -259,7 +329,8 @@ def run_study(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    _check_study_dir(out_dir, config, resume)
+    # Everything is checked before the first write, so a typo leaves no folder behind.
+    _check_study_dir(out_dir, config, resume=resume, overwrite=overwrite)
     corpus = data.load_corpus(
         config.corpus or None, train_bytes=config.train_bytes, heldout_bytes=config.heldout_bytes
     )
@@ -269,6 +340,13 @@ def run_study(
             f"{config.eval_tokens} are scored at every length; raise --heldout-bytes or "
             "lower --eval-tokens"
         )
+    if corpus.train.size <= config.train_len:
+        raise ValueError(
+            f"the training text has {corpus.train.size} bytes, fewer than train_len="
+            f"{config.train_len} + 1; raise --train-bytes or give a larger --corpus"
+        )
+    _check_models(config)
+    _prepare_study_dir(out_dir, config, overwrite=overwrite)
     log(
         f"corpus: {corpus.description}: {corpus.train.size} training bytes from "
         f"{len(corpus.train_files)} files, {corpus.heldout.size} held-out bytes from "
@@ -278,7 +356,7 @@ def run_study(
     for index, encoding in enumerate(config.encodings, 1):
         path = _encoding_dir(out_dir, encoding) / "result.json"
         if path.exists():
-            entries[encoding] = json.loads(path.read_text())
+            entries[encoding] = _files.read_json(path)
             log(f"[{index}/{len(config.encodings)}] {encoding}: done earlier, read back")
             continue
         log(f"[{index}/{len(config.encodings)}] {encoding}: training {config.steps} steps")
@@ -360,13 +438,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--attention",
-        choices=("xla", "blockwise"),
+        choices=ATTENTION_IMPLEMENTATIONS,
         default=_default("attention"),
         help="attention implementation (default xla)",
     )
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=tuple(COMPUTE_DTYPES),
         default=_default("dtype"),
         help="compute dtype; parameters stay float32 (default float32)",
     )
@@ -378,7 +456,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local text files or directories (default: the Python standard library source)",
     )
     parser.add_argument("--out", default="study_out", help="output folder (default study_out)")
-    parser.add_argument("--resume", action="store_true", help="continue the study already in --out")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume", action="store_true", help="continue the study already in --out"
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the study already in --out (deletes its results and checkpoints)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -387,7 +473,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     fields = [f.name for f in dataclasses.fields(StudyConfig)]
     try:
         config = StudyConfig(**{name: getattr(args, name) for name in fields})
-        results = run_study(config, args.out, resume=args.resume, progress=not args.no_progress)
+        results = run_study(
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     except ValueError as error:
         print(f"jax-posenc study: error: {error}", file=sys.stderr)
         return 2

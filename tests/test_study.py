@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -86,6 +87,91 @@ def test_too_little_heldout_text_is_refused_before_training(tmp_path, capsys):
     args = [arg if arg != "64" else "8192" for arg in TINY]
     assert run_cli("--encodings", "none", "--out", str(tmp_path), *args) == 2
     assert "held-out text has 5000 bytes but eval_tokens=8192" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "steps must be a positive integer, got 0"),
+        (["--d-model", "15"], "d_model=15 must be divisible by heads=2"),
+        (["--lr", "-1"], "learning_rate must be a finite number > 0"),
+        (["--batch-size", "0"], "batch_size must be a positive integer"),
+        (["--seed", "-1"], "seed must be an integer >= 0"),
+        (["--layers", "0"], "layers must be a positive integer"),
+        (["--encodings", "none,rotary-ish"], "unknown encoding 'rotary-ish'"),
+        (["--eval-lens", "8,0"], "eval_lens must be a positive integer"),
+        (["--eval-tokens", "100"], "eval_tokens=100 must be a multiple"),
+        (["--corpus", "/no/such/corpus"], "corpus path '/no/such/corpus'"),
+        (["--heldout-bytes", "10"], "raise --heldout-bytes"),
+        (["--train-bytes", "5"], "raise --train-bytes"),
+        (["--d-model", "6", "--encodings", "rope"], "encoding 'rope' with these settings"),
+    ],
+)
+def test_an_invalid_setting_leaves_no_folder_behind(tmp_path, capsys, flags, message):
+    out = tmp_path / "study"
+    # The last occurrence of a flag wins, so `flags` replace TINY's values.
+    assert run_cli("--encodings", "none", "--out", str(out), *TINY, *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--stpes", "4"], ["--steps", "four"], ["--dtype", "f16"]])
+def test_a_flag_argparse_rejects_leaves_no_folder_behind(tmp_path, capsys, flags):
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--encodings", "none", "--out", str(out), *TINY, *flags)
+    assert exit_info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_overwrite_replaces_a_study_folder(tmp_path, capsys, finished):
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)
+    (out / "notes.txt").write_text("mine")
+    changed = [*TINY, "--steps", "3"]
+    assert run_cli("--encodings", "none", "--out", str(out), *changed) == 2
+    assert "--overwrite (overwrite=True) to replace it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli("--encodings", "none", "--out", str(out), "--resume", "--overwrite", *changed)
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert run_cli("--encodings", "none", "--out", str(out), "--overwrite", *changed) == 0
+    assert json.loads((out / "config.json").read_text())["steps"] == 3
+    assert list(json.loads((out / "results.json").read_text())["encodings"]) == ["none"]
+    assert not (out / "t5").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["config.json", "none/result.json"])
+def test_a_corrupted_study_file_is_named_in_the_error(tmp_path, capsys, finished, name):
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)
+    path = out / name
+    path.write_text(path.read_text()[:40])
+    assert run_cli("--encodings", "none,t5", "--out", str(out), "--resume", *TINY) == 2
+    assert f"cannot read {str(path)!r}: invalid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "not a study", "no bias model"])
+def test_plot_refuses_a_folder_that_holds_no_trained_study(tmp_path, capsys, kind):
+    study_dir = tmp_path / "study"
+    if kind != "missing":
+        study_dir.mkdir()
+    if kind == "not a study":
+        (study_dir / "notes.txt").write_text("hello")
+    if kind == "no bias model":
+        config = {"heads": 2, "d_model": 16, "eval_lens": [8], "train_len": 8}
+        (study_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "plots"
+    assert cli.main(["plot", "--study", str(study_dir), "--out", str(out)]) == 2
+    assert f"--study {str(study_dir)!r}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_plot_names_a_corrupted_study_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"heads": 2, "d_model')
+    assert cli.main(["plot", "--study", str(tmp_path), "--out", str(tmp_path / "plots")]) == 2
+    assert f"cannot read {str(tmp_path / 'config.json')!r}" in capsys.readouterr().err
 
 
 def test_default_evaluation_lengths_are_one_to_eight_times_the_training_length():
