@@ -46,7 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_posenc import _checks
+from jax_posenc import _checks, _files
 
 SCHEMA_VERSION = 1
 MODES = ("quick", "full")
@@ -142,6 +142,7 @@ class Settings:
         base = quick if mode == "quick" else {}
         given = {key: value for key, value in overrides.items() if value is not None}
         if "repeats" in given:  # asking for fewer repeats lowers the floor too
+            _checks.check_positive_int("repeats", given["repeats"])
             given.setdefault("min_repeats", min(cls.min_repeats, given["repeats"]))
         return cls(**{**base, **given})
 
@@ -832,32 +833,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _refuse(message: str) -> int:
+    print(f"jax-posenc bench: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """Runs the suite (or prints the Performance section) as `args` ask."""
+    """Runs the suite (or prints the Performance section) as `args` ask.
+
+    Returns 2, writing nothing, when the arguments select nothing to run or read.
+    """
     if args.section is not None:
-        path = Path(args.section) if args.section else latest_results(args.out)
-        section = performance_section(json.loads(path.read_text()))
+        try:
+            path = Path(args.section) if args.section else latest_results(args.out)
+            section = performance_section(_files.read_json(path))
+        except (FileNotFoundError, ValueError) as error:
+            return _refuse(str(error))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "performance.md").write_text(section)
         print(section)
         return 0
     mode = "quick" if args.quick else "full"
+    try:
+        settings = Settings.for_mode(
+            mode,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            peak_bandwidth=args.peak_bandwidth * 1e9 if args.peak_bandwidth else None,
+        )
+        pattern = re.compile(args.only) if args.only else None
+    except re.error as error:
+        return _refuse(f"--only {args.only!r} is not a regular expression: {error}")
+    except (TypeError, ValueError) as error:
+        return _refuse(str(error))
     suite = load_suite(args.suite)
     cases = suite.build_cases(mode)
-    if args.only:
-        pattern = re.compile(args.only)
-        cases = [case for case in cases if pattern.search(case.name)]
+    if pattern is not None:
+        matched = [case for case in cases if pattern.search(case.name)]
+        if not matched:
+            quick = " --quick" if args.quick else ""
+            return _refuse(
+                f"--only {args.only!r} matches none of the {len(cases)} {mode} cases; "
+                f"`jax-posenc bench{quick} --list` lists them"
+            )
+        cases = matched
     if args.list:
         for case in cases:
             refs = ", ".join(label for label, _ in case.references)
             print(case.name + (f"  (÷ {refs})" if refs else ""))
         return 0
-    settings = Settings.for_mode(
-        mode,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        peak_bandwidth=args.peak_bandwidth * 1e9 if args.peak_bandwidth else None,
-    )
     document = run_suite(cases, settings, mode=mode, groups=suite.GROUPS, notes=suite.notes())
     paths = write_outputs(document, args.out)
     print(markdown_report(document))

@@ -207,6 +207,31 @@ def test_cli_lists_cases_and_regenerates_the_section(tmp_path, capsys):
     assert (tmp_path / "performance.md").read_text().startswith("## Performance")
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--only", "^no-such-case/"], "--only '^no-such-case/' matches none of the"),
+        (["--only", "(rope"], "--only '(rope' is not a regular expression"),
+        (["--list", "--only", "^no-such-case/"], "matches none of the"),
+        (["--repeats", "0"], "repeats must be a positive integer"),
+    ],
+)
+def test_cli_refuses_to_run_nothing_and_writes_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--quick", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", ['{"mode": "quick", "environ', "[1, 2]"])
+def test_cli_names_a_results_file_that_does_not_parse(tmp_path, capsys, content):
+    results = tmp_path / "bench-quick.json"
+    results.write_text(content)
+    assert cli.main(["bench", "--section", str(results), "--out", str(tmp_path / "out")]) == 2
+    assert f"cannot read {str(results)!r}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_settings_for_mode_and_validation():
     assert Settings.for_mode("quick").repeats < Settings.for_mode("full").repeats
     assert Settings.for_mode("full", repeats=4, warmup=None).repeats == 4
