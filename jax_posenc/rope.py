@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_posenc import _checks
-from jax_posenc._angles import ANGLE_PRECISIONS, rotation_angles
+from jax_posenc._angles import ANGLE_PRECISIONS, rotation_cos_sin
 from jax_posenc.rope_scaling import SCALING_TYPES, RopeScaling, SeqLen, default_frequencies
 
 ROPE_LAYOUTS = ("half", "interleaved")
@@ -102,11 +102,11 @@ def rope_frequencies(
 def _own_buffer(table: jax.Array) -> jax.Array:
     """Returns `table` unchanged, computed once into its own buffer.
 
-    XLA fuses cheap elementwise producers into their consumers, and it counts sin and
-    cos as cheap: left alone, the whole exact-angle computation and both
-    transcendentals would be fused into the rotation loop and redone for every batch row
-    and head (5x slower than a copy on CPU). A gather is never fused into a consumer
-    that reuses its elements, so an identity gather keeps the `[..., n]` table separate.
+    XLA fuses cheap elementwise producers into their consumers, and every operation of
+    the table (the fixed-point angle, the cos/sin polynomials) is cheap: left alone, the
+    whole table would be fused into the rotation loop and recomputed for every batch row
+    and head. A gather is never fused into a consumer that reuses its elements, so an
+    identity gather keeps the `[..., n]` table separate.
     """
     return jnp.take(table, np.arange(table.shape[0]), axis=0)
 
@@ -143,8 +143,7 @@ def rope_cos_sin(
         positions = positions[..., None]
     if isinstance(attention_factor, int | float):
         attention_factor = _checks.check_positive_float("attention_factor", attention_factor)
-    angles = rotation_angles(positions, inv_freq, angle_precision=angle_precision)
-    table = jnp.stack([jnp.cos(angles), jnp.sin(angles)])
+    table = jnp.stack(rotation_cos_sin(positions, inv_freq, angle_precision=angle_precision))
     if not (isinstance(attention_factor, float) and attention_factor == 1.0):
         table = table * attention_factor
     table = _own_buffer(table).astype(dtype)

@@ -335,6 +335,24 @@ def test_static_frequencies_are_host_float64_so_angles_stay_exact():
         assert isinstance(inv_freq, np.ndarray) and inv_freq.dtype == np.float64
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_rotation_is_within_float32_rounding_up_to_position_2_to_the_24(layout):
+    rng = np.random.default_rng(5)
+    x = _normal((2, 256, 4, 128), seed=5)
+    positions = np.stack([np.arange(2**24 - 256, 2**24), rng.integers(0, 2**24, 256)])
+    positions = positions.astype(np.int32)
+    inv_freq = plain_inv_freq(128)
+    cos, sin = pe.rope_cos_sin(positions, inv_freq)
+    angles = positions.astype(np.float64)[..., None] * inv_freq
+    # cos and sin within about one float32 ulp of 1 (1.2e-7), the rotated heads within
+    # the float32 rounding of the result (2^-24 = 6e-8 of the head norm).
+    assert np.abs(np.asarray(cos, np.float64) - np.cos(angles)).max() < 1.5e-7
+    assert np.abs(np.asarray(sin, np.float64) - np.sin(angles)).max() < 1.5e-7
+    got = rope(x, positions, layout=layout)
+    ref = rope_reference(x, positions, inv_freq, layout=layout)
+    assert _relative_error(got, ref, x) < 8e-8
+
+
 # ---------------------------------------------------------------- positions
 
 
@@ -692,7 +710,9 @@ def test_sin_and_cos_are_computed_once_not_per_head():
     x = jnp.zeros((2, 64, 8, 32))
     hlo = jax.jit(lambda x, p: pe.apply_rope(x, p)).lower(x, jnp.arange(64)).compile().as_text()
     fusions = [c.strip() for c in hlo.split("\n\n") if c.strip().startswith("%fused")]
-    with_sin = [c for c in fusions if "sine(" in c or "cosine(" in c]
-    # The [n]-sized table is computed in its own fusion; the loop over x only reads it.
-    assert with_sin
-    assert not any("-> f32[2,64,8,32]" in c.splitlines()[0] for c in with_sin)
+    # The fixed-point angle (uint32 products) and the cos/sin polynomials of its quarter
+    # turn (rounding to the nearest quarter) form the [n]-sized table in its own fusion;
+    # the loop over x only reads it.
+    with_angles = [c for c in fusions if "u32[" in c and "round-nearest-even(" in c]
+    assert with_angles
+    assert not any("-> f32[2,64,8,32]" in c.splitlines()[0] for c in with_angles)
