@@ -170,12 +170,15 @@ class _Softmax(NamedTuple):
     numerator: jax.Array  # [B, H, bq, Dv], float32
 
 
-def _init_softmax(batch: int, q_len: int, heads: int, value_dim: int) -> _Softmax:
-    return _Softmax(
-        jnp.full((batch, heads, q_len), -jnp.inf, _F32),
-        jnp.zeros((batch, heads, q_len), _F32),
-        jnp.zeros((batch, heads, q_len, value_dim), _F32),
-    )
+def _init_softmax(q: jax.Array, value_dim: int, anchor: jax.Array | float = 0.0) -> _Softmax:
+    """The empty state for queries `q` `[B, H, bq, D]`.
+
+    Made with `zeros_like(q)`, so under sharding-in-types (explicit mesh axes) the state
+    has the sharding of `q`, as the loop body's results do; see `_anchor` for
+    `shard_map`.
+    """
+    zeros = jnp.zeros_like(q[..., 0], _F32) + anchor
+    return _Softmax(zeros - jnp.inf, zeros, zeros[..., None] + jnp.zeros((value_dim,), _F32))
 
 
 def _heads_first(x: jax.Array) -> jax.Array:
@@ -347,18 +350,46 @@ def _call_with(fn: Callable, consts: tuple, *args):
     return fn(*args, *consts)
 
 
-def _float32_zeros(tree):
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _F32), tree)
+def _anchor(*trees) -> jax.Array:
+    """A float32 scalar 0 of the same manual-axes type as every leaf of `trees` together.
+
+    Inside `shard_map`, a loop's initial carry must have the type of what its body
+    returns, which varies over the mesh axes its inputs vary over; zeros made from
+    scratch vary over none. Adding this anchor fixes that (and is a constant 0
+    elsewhere).
+    """
+    zero = jnp.zeros((), _F32)
+    for leaf in jax.tree.leaves(trees):
+        zero = zero + jnp.zeros_like(leaf, _F32).sum()  # constant-folded by XLA
+    return zero
+
+
+def _float32_zeros(tree, anchor: jax.Array | float = 0.0):
+    """Float32 zeros shaped (and sharded) like every leaf of `tree`."""
+    return jax.tree.map(lambda x: jnp.zeros_like(x, _F32) + anchor, tree)
 
 
 def _add_float32(total, tree):
     return jax.tree.map(lambda a, b: a + b.astype(_F32), total, tree)
 
 
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes (inside `shard_map`) over which `x` varies; empty elsewhere."""
+    axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(axis_type, "varying", ()))
+
+
 def _cotangent(gradient: jax.Array, primal) -> jax.Array | None:
-    """`gradient` in the primal's dtype; None (a zero cotangent) for integer/bool primals."""
+    """`gradient` as the cotangent of `primal`; None (zero) for integer/bool primals.
+
+    Inside `shard_map`, a primal that is the same on every device (e.g. a bias table)
+    gets the sum of the per-device partial gradients, as JAX's own AD does.
+    """
     if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):
         return None
+    extra = _varying_axes(gradient) - _varying_axes(primal)
+    if extra:
+        gradient = lax.psum(gradient, tuple(sorted(extra)))
     return gradient.astype(jnp.result_type(primal))
 
 
@@ -457,15 +488,15 @@ def _scan_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, ski
 
 def _blockwise_forward(tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts):
     """Output blocks `[nq, B, H, bq, Dv]` and log-normalizers `[nq, B, H, bq]`."""
-    batch, heads = q.shape[:2]
     terms = _bind_terms(tiling, content_bias, consts)
     k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg)
+    anchor = _anchor(q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts)
 
     def one_query_block(q_inputs):
         state, _ = _scan_key_blocks(
             tiling,
             lambda state, block: (_accumulate(state, block, terms), None),
-            _init_softmax(batch, tiling.q_block, heads, v.shape[-1]),
+            _init_softmax(q_inputs[1], v.shape[-1], anchor),
             q_inputs,
             k_inputs,
             mask,
@@ -506,6 +537,7 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
     k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg)
     k_blocks, v_blocks = k_inputs[1], k_inputs[2]
+    anchor = _anchor(args, d_out)
 
     def one_query_block(grads, inputs):
         *q_inputs, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
@@ -535,11 +567,11 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
             return grads, (dk_j.astype(_F32), dv_j.astype(_F32))
 
         dk, dv, d_content_bias, d_consts = grads
-        zeros = (_float32_zeros(k_blocks[0]), _float32_zeros(v_blocks[0]))
+        zeros = (_float32_zeros(k_blocks[0], anchor), _float32_zeros(v_blocks[0], anchor))
         (dq_i, d_content_bias, d_consts), (dk_i, dv_i) = _scan_key_blocks(
             tiling,
             step,
-            (_float32_zeros(q_inputs[1]), d_content_bias, d_consts),
+            (_float32_zeros(q_inputs[1], anchor), d_content_bias, d_consts),
             q_inputs,
             k_inputs,
             mask,
@@ -547,7 +579,7 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
         )
         return (dk + dk_i, dv + dv_i, d_content_bias, d_consts), dq_i
 
-    initial = _float32_zeros((k_blocks, v_blocks, content_bias, consts))
+    initial = _float32_zeros((k_blocks, v_blocks, content_bias, consts), anchor)
     inputs = (*_query_inputs(tiling, q, q_pos, q_seg), d_out, log_normalizer, d_out_dot_out)
     (dk, dv, d_content_bias, d_consts), dq = lax.scan(one_query_block, initial, inputs)
     grads = (_merge_blocks(dq, 2), _merge_blocks(dk, 2), _merge_blocks(dv, 2), d_content_bias)
@@ -778,7 +810,7 @@ def dot_product_attention(
     q, k, v = (_heads_first(x) for x in (q, k, v))
     if implementation == "xla":
         block = _Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None)
-        out = _finalize(_accumulate(_init_softmax(batch, q_len, heads, v.shape[-1]), block, terms))
+        out = _finalize(_accumulate(_init_softmax(q, v.shape[-1]), block, terms))
     else:
         out = _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks)
     return _heads_first(out).astype(q.dtype)
@@ -880,7 +912,8 @@ def make_attention_fn(
     from the mask: it is the position of the last key it may attend to (the cache
     index). Keys are transformed at their own positions on every step, so RoPE and xPos
     stay exact at any position. This rule applies whenever `Lq != Lk`, a mask is given
-    and `q_positions` is not.
+    and `q_positions` is not. When `Lq == Lk` and only `k_positions` is given, the
+    queries take the same positions (self-attention).
 
     Parameters: the encoding's modules are built by the registry factories when the
     callable runs. Inside a linen module (the usual case: the attention layer calls it
@@ -972,6 +1005,8 @@ def make_attention_fn(
         )
         q_seg, k_seg, restart = _resolve_segments(segment_ids, q_len, k_len, batch)
         q_pos = q_positions
+        if q_pos is None and q_len == k_len and k_positions is not None:
+            q_pos = k_positions  # self-attention: the queries are the keys' tokens
         if q_pos is None and q_len != k_len and mask is not None:
             k_default = jnp.arange(k_len) if k_positions is None else k_positions
             q_pos = _positions_from_mask(
@@ -1019,6 +1054,37 @@ def make_attention_fn(
         return out if dtype is None else out.astype(dtype)
 
     return attention_fn
+
+
+class EncodedAttention(nn.Module):
+    """`make_attention_fn` as a linen module that owns the encoding's parameters.
+
+    Called with the `attention_fn` signature (`query, key, value, mask=None, ...,
+    is_causal=False`). Linen layers do not need it (`make_attention_fn` already creates
+    parameters inside the calling layer); it is what `jax_posenc.nnx.AttentionFn` wraps
+    so that NNX layers can train learned encodings.
+
+    Attributes:
+      encoding: a registered name or "+" combination.
+      options: per-part options, as the keywords of `make_attention_fn`.
+      implementation: "xla" or "blockwise".
+      block_size: blockwise block size.
+    """
+
+    encoding: str
+    options: Any = None
+    implementation: str = "xla"
+    block_size: int | tuple[int, int] | None = None
+
+    @nn.compact
+    def __call__(self, query, key, value, mask=None, is_causal: bool = False, **kwargs):
+        attention_fn = make_attention_fn(
+            self.encoding,
+            implementation=self.implementation,
+            block_size=self.block_size,
+            **dict(self.options or {}),
+        )
+        return attention_fn(query, key, value, mask, is_causal=is_causal, **kwargs)
 
 
 # ------------------------------------------------------------------ KV cache

@@ -12,12 +12,14 @@ linen parameter tree can be copied in (`emb.embedding[...] = params["embedding"]
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import bridge
 
-from jax_posenc import _checks, absolute, bias, relative, rope
+from jax_posenc import _checks, absolute, attention, bias, registry, relative, rope
 
 
 class SinusoidalEmbedding(nnx.Module):
@@ -415,3 +417,71 @@ class XPosEmbedding(nnx.Module):
             reference_position=self.reference_position,
             angle_precision=self.angle_precision,
         )
+
+
+class AttentionFn(nnx.Module):
+    """An `attention_fn` for `flax.nnx.MultiHeadAttention` that owns a registered
+    encoding's parameters, so learned encodings (T5, KERPLE, FIRE, Shaw, ...) train with
+    the layer. Parameter-free encodings can also use `jax_posenc.make_attention_fn`
+    directly.
+
+    Its parameters do not depend on the sequence length, so they are created at
+    construction from `num_heads` and `head_dim` (the projected query's heads and
+    features per head). Masks, causality and decoding follow `make_attention_fn`.
+
+    Example::
+
+        attention_fn = pe_nnx.AttentionFn("t5", num_heads=4, head_dim=16, rngs=rngs)
+        layer = nnx.MultiHeadAttention(num_heads=4, in_features=64, decode=False,
+                                       attention_fn=attention_fn, rngs=rngs)
+
+    Args:
+      encoding: a registered name or "+" combination.
+      num_heads: query heads H.
+      head_dim: features per head D.
+      num_kv_heads: key/value heads (grouped-query attention); None for `num_heads`.
+      implementation: "xla" or "blockwise".
+      block_size: blockwise block size.
+      causal: whether direction-aware encodings are built for causal use (T5's
+        one-sided buckets), as `is_causal=True` does for `make_attention_fn`.
+      rngs: initialises the parameters.
+      **options: per-part options keyed by part name, e.g. `t5={"num_buckets": 64}`.
+    """
+
+    def __init__(
+        self,
+        encoding: str,
+        *,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        implementation: str = "xla",
+        block_size: int | tuple[int, int] | None = None,
+        causal: bool = False,
+        rngs: nnx.Rngs,
+        **options: Any,
+    ):
+        num_heads = _checks.check_positive_int("num_heads", num_heads)
+        head_dim = _checks.check_positive_int("head_dim", head_dim)
+        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        kv_heads = _checks.check_positive_int("num_kv_heads", kv_heads)
+        self.causal = bool(causal)
+        module = attention.EncodedAttention(
+            encoding, registry.freeze_options(options, encoding), implementation, block_size
+        )
+        example = jnp.zeros((1, 1, num_heads, head_dim), jnp.float32)
+        kv_example = jnp.zeros((1, 1, kv_heads, head_dim), jnp.float32)
+        self.encoded = bridge.ToNNX(module, rngs=rngs)
+        bridge.lazy_init(self.encoded, example, kv_example, kv_example, is_causal=self.causal)
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        is_causal: bool = False,
+        **kwargs: Any,
+    ) -> jax.Array:
+        return self.encoded(query, key, value, mask, is_causal=is_causal or self.causal, **kwargs)
