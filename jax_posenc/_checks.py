@@ -129,6 +129,8 @@ def check_positions(name: str, value: object, *, allow_float: bool = False) -> j
     positions), floating arrays pass through unchanged when finite and within the same
     range (checked when concrete).
     """
+    if not isinstance(value, jax.Array | np.ndarray):
+        value = np.asarray(value)  # Python ints past int32 must not overflow on the way
     dtype = jnp.result_type(value)
     is_float = jnp.issubdtype(dtype, jnp.floating)
     if not (jnp.issubdtype(dtype, jnp.integer) or (allow_float and is_float)):

@@ -781,3 +781,29 @@ def test_attention_fn_is_causal_keyword_adds_causality():
     positions = np.arange(5)
     want = attention_reference(q, k, v, allowed=positions[:, None] >= positions[None, :])
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+# ---------------------------------------------------------------- empty inputs
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+@pytest.mark.parametrize(("batch", "q_len", "k_len"), [(2, 0, 5), (2, 5, 0), (0, 5, 5), (2, 0, 0)])
+def test_empty_inputs_give_empty_or_zero_outputs_and_gradients(implementation, batch, q_len, k_len):
+    q, k, v = _qkv(batch, q_len, k_len, 2, 2, 4)
+    kwargs = {"bias_fn": alibi_like(2), "causal": True, "implementation": implementation}
+    kwargs["q_positions"] = jnp.arange(q_len) + k_len
+
+    def loss(q, k, v):
+        return pe.dot_product_attention(q, k, v, **kwargs).sum()
+
+    out = pe.dot_product_attention(q, k, v, **kwargs)
+    chex.assert_shape(out, (batch, q_len, 2, 4))
+    assert not np.any(out)  # no key: a zero output, as for any fully masked row
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+    assert all(not np.any(g) for g in grads)
+
+
+def test_numeric_masks_are_refused_naming_the_argument():
+    q, k, v = _qkv(1, 3, 3, 1, 1, 4)
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        pe.dot_product_attention(q, k, v, mask=jnp.ones((3, 3)))

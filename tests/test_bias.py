@@ -623,3 +623,32 @@ def test_registry_options_reach_the_modules():
 def test_an_absolute_embedding_and_a_bias_combine_without_special_cases():
     parts = pe.resolve("learned+alibi")
     assert [part.contributes for part in parts] == [("input_embedding",), ("logit_bias",)]
+
+
+# ------------------------------------------------------------------ extreme positions
+
+
+def test_alibi_never_flips_sign_for_positions_more_than_2_31_apart():
+    # int32 k - q wraps for these: 2^31 - 1 - (-2^31) would read as -1.
+    q_positions = np.array([[2**31 - 1]], np.int32)
+    k_positions = np.array([[-(2**31), 2**31 - 1]], np.int32)
+    for form in ("symmetric", "causal"):
+        got = np.asarray(pe.alibi_bias(q_positions, k_positions, np.array([0.5]), form=form))
+        # The far key saturates at the largest int32 distance: strongly penalised.
+        np.testing.assert_allclose(got[0, 0, 0], [-0.5 * (2**31 - 1), 0.0], rtol=1e-7)
+
+
+def test_t5_bucket_of_the_most_negative_distance_is_the_last_bucket():
+    for bidirectional, last in ((True, 15), (False, 31)):
+        got = pe.t5_relative_position_bucket(
+            jnp.array([-(2**31), -(2**31) + 1], jnp.int32), bidirectional=bidirectional
+        )
+        np.testing.assert_array_equal(got, [last, last])
+    table = jnp.arange(32 * 2, dtype=jnp.float32).reshape(32, 2)
+    bias_values = pe.t5_bias(table, np.array([[2**31 - 1]]), np.array([[-(2**31)]]))
+    assert np.all(np.isfinite(bias_values))
+
+
+def test_bias_positions_past_int32_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="k_positions must lie in"):
+        pe.alibi_bias(np.arange(3), np.array([0, 2**32]), pe.alibi_slopes(2))

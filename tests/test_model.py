@@ -199,3 +199,72 @@ def test_positions_outside_the_configured_range_are_refused():
         model.apply(params, jnp.zeros((2, 10), jnp.int32), jnp.arange(9))
     with pytest.raises(TypeError, match="tokens must have an integer dtype"):
         model.apply(params, jnp.zeros((1, 10)))
+
+
+# ---------------------------------------------------------------- bad inputs and options
+
+
+def test_tokens_outside_the_vocabulary_raise_naming_tokens():
+    model, params = init(tiny_config("rope"))
+    for tokens in (jnp.array([[1, 256]]), jnp.array([[-1, 3]])):
+        with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=256\)"):
+            model.apply(params, tokens)
+
+
+def test_positions_past_int32_raise_naming_positions():
+    model, params = init(tiny_config("rope"))
+    with pytest.raises(ValueError, match="positions must lie in"):
+        model.apply(params, jnp.zeros((1, 2), jnp.int32), np.array([[0, 2**31 + 7]]))
+
+
+def test_empty_token_batches_give_empty_logits():
+    model, params = init(tiny_config("rope"))
+    assert model.apply(params, jnp.zeros((1, 0), jnp.int32)).shape == (1, 0, 256)
+    assert model.apply(params, jnp.zeros((0, 4), jnp.int32)).shape == (0, 4, 256)
+
+
+def test_encoding_options_are_frozen_hashable_and_checked_by_name():
+    options = {
+        "rope": {"scaling": {"rope_type": "linear", "factor": 2.0}},
+        "alibi": {"slopes": [0.5, 0.25, 0.125, 0.0625]},
+    }
+    config = tiny_config("rope+alibi", encoding_options=options)
+    assert hash(config) == hash(tiny_config("rope+alibi", encoding_options=options))
+    assert config.options["alibi"]["slopes"] == (0.5, 0.25, 0.125, 0.0625)
+    jax.jit(lambda tokens: init(config)[0].apply(init(config)[1], tokens))(jnp.ones((1, 4), int))
+    with pytest.raises(ValueError, match=r"encoding_options for \['rpoe'\] do not belong"):
+        tiny_config("rope", encoding_options={"rpoe": {"base": 5e5}})
+
+
+def _stacked_layers(params, num_layers):
+    """Per-layer parameters `layers_i` as the one scanned `layers/block` tree."""
+    inner = dict(params["params"])
+    layers = [inner.pop(f"layers_{i}") for i in range(num_layers)]
+    inner["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    return {"params": inner}
+
+
+@pytest.mark.parametrize("encoding", ["t5", "rope+alibi", "shaw"])
+def test_remat_and_scanned_layers_compute_the_same_logits_and_gradients(encoding):
+    base = tiny_config(encoding, attention="blockwise")
+    _, params = init(base)
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 256)
+
+    def loss_and_grads(config, params):
+        def loss(params):
+            return (Transformer(config).apply(params, tokens) ** 2).mean()
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    want_loss, want_grads = loss_and_grads(base, params)
+    got_loss, got_grads = loss_and_grads(dataclasses.replace(base, remat=True), params)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
+    stacked = _stacked_layers(params, base.num_layers)
+    for flags in ({"scan_layers": True}, {"scan_layers": True, "remat": True}):
+        got_loss, got_grads = loss_and_grads(dataclasses.replace(base, **flags), stacked)
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+        want_stacked = _stacked_layers(want_grads, base.num_layers)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_stacked
+        )

@@ -716,3 +716,45 @@ def test_sin_and_cos_are_computed_once_not_per_head():
     with_angles = [c for c in fusions if "u32[" in c and "round-nearest-even(" in c]
     assert with_angles
     assert not any("-> f32[2,64,8,32]" in c.splitlines()[0] for c in with_angles)
+
+
+# ------------------------------------------------------------------ positions past int32
+
+
+def test_rope_refuses_positions_that_would_wrap_past_int32():
+    x = jnp.ones((1, 1, 1, 8))
+    # 2^31 + 7 would silently become -2^31 + 7 in int32.
+    for positions in (np.array([2**31 + 7], np.int64), np.array([2**31 + 7], np.uint32)):
+        with pytest.raises(ValueError, match=r"positions must lie in \[-2\^31, 2\^31\)"):
+            pe.apply_rope(x, positions)
+    last = pe.apply_rope(x, np.array([2**31 - 1], np.int64))
+    assert np.all(np.isfinite(last))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_xpos_one_token_calls_are_plain_rope_at_any_position(dtype):
+    # A decoding step transforms one query and one key at the same position: with the
+    # default (per-call) reference both factors are exactly 1, at position 10^9 too.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 2, 16)), dtype)
+    for position in (4600, 36_000, 10**9):
+        q, k = pe.apply_xpos(x, x, np.array([position]))
+        want = pe.apply_rope(x, np.array([position]))
+        np.testing.assert_array_equal(q, want)
+        np.testing.assert_array_equal(k, want)
+
+
+def test_xpos_fixed_reference_past_the_finite_range_raises_naming_it():
+    x = jnp.ones((1, 1, 1, 16), jnp.float16)
+    with pytest.raises(ValueError, match=r"reference_position=0.*finite in float16 only within"):
+        pe.apply_xpos(x, x, np.array([4600]), reference_position=0)
+    # Traced positions cannot raise: factors are clamped to the finite range.
+    q, k = jax.jit(lambda p: pe.apply_xpos(x, x, p, reference_position=0))(jnp.array([36_000]))
+    assert np.all(np.isfinite(np.asarray(q, np.float32)))
+    assert np.all(np.isfinite(np.asarray(k, np.float32)))
+
+
+def test_empty_sequences_pass_through_rope_and_xpos():
+    empty = jnp.zeros((2, 0, 4, 8))
+    chex.assert_shape(pe.apply_rope(empty, jnp.arange(0)), (2, 0, 4, 8))
+    q, k = pe.apply_xpos(empty, empty, jnp.arange(0))
+    chex.assert_shape((q, k), (2, 0, 4, 8))

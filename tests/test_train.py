@@ -330,3 +330,32 @@ def test_eight_way_data_parallel_training_matches_one_device():
     np.testing.assert_allclose(out["eight"], out["one"], rtol=1e-5)
     for eight, one in zip(out["eight_params"], out["one_params"], strict=True):
         np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags", [{"remat": True}, {"scan_layers": True}], ids=["remat", "scan_layers"]
+)
+def test_blockwise_model_trains_under_remat_and_scanned_layers_with_dict_options(corpus, flags):
+    # An HF scaling dict and a list of slopes: options a JSON config would hold.
+    options = {
+        "rope": {"scaling": {"rope_type": "linear", "factor": 2.0}},
+        "alibi": {"slopes": [0.5, 0.25]},
+    }
+    model = Transformer(
+        TransformerConfig(
+            encoding="rope+alibi",
+            d_model=32,
+            num_layers=2,
+            num_heads=2,
+            max_positions=32,
+            attention="blockwise",
+            block_size=8,
+            encoding_options=options,
+            **flags,
+        )
+    )
+    config = train.TrainConfig(
+        steps=30, batch_size=8, seq_len=32, learning_rate=1e-2, warmup_fraction=0.1, log_every=1
+    )
+    losses = [line["loss"] for line in train.train(model, config, corpus.train).history]
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < losses[0] - 1.5
