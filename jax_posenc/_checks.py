@@ -154,6 +154,23 @@ def check_positions(name: str, value: object, *, allow_float: bool = False) -> j
     return array
 
 
+def check_index_range(name: str, value: jax.Array, size: int, size_name: str, hint: str = ""):
+    """Raises ValueError when known (not traced) integer `value` leaves `[0, size)`.
+
+    A gather past the end of a table clamps silently (or gives NaN), so indices that
+    are known on the host are checked there. Traced values pass unchecked.
+    """
+    if not is_concrete(value) or not np.size(value):
+        return
+    # NumPy, not jnp: inside jit, jnp reductions of a concrete array are traced.
+    values = np.asarray(value)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= size:
+        raise ValueError(
+            f"{name} must lie in [0, {size_name}={size}), got values in [{low}, {high}]{hint}"
+        )
+
+
 def saturating_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     """`a - b` for int32 arrays, exact unless it leaves `(-2^31, 2^31)`, then clamped to
     `+-(2^31 - 1)` (an infinitely far distance) instead of wrapping around."""

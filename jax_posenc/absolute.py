@@ -97,12 +97,9 @@ def learned_embedding_lookup(table: jax.Array, positions: jax.Array, *, mode: st
     positions = _checks.check_integer_array("positions", positions)
     num_positions = table.shape[0]
     if _checks.is_concrete(positions):
-        values = np.asarray(positions)
-        if values.size and (values.min() < 0 or values.max() >= num_positions):
-            raise ValueError(
-                f"positions must lie in [0, num_positions={num_positions}), got values in "
-                f"[{int(values.min())}, {int(values.max())}]; enlarge num_positions"
-            )
+        _checks.check_index_range(
+            "positions", positions, num_positions, "num_positions", "; enlarge num_positions"
+        )
     elif mode == "error":
         in_range = jnp.all((positions >= 0) & (positions < num_positions))
         checkify.check(
