@@ -3,13 +3,16 @@
 Every case names the same-run references it is reported against (see
 `jax_posenc.benchmarking`): a jitted copy of the same tensor for the elementwise
 encodings, the hand-written tutorial form from `benchmarks/tutorial.py`, and `xla`
-attention for the blockwise one.
+attention for the blockwise one. With torch installed (the `bench` extra) and on the CPU
+backend, the `torch` group compares the library with PyTorch's best forms
+(`benchmarks/torch_baselines.py`) in the same run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,12 @@ GPU_ROPE_SHAPE = (8, 8192, 32, 128)
 BIAS_LENGTH = {"quick": 1024, "full": 2048}
 LONG_ALIBI_LENGTH = 16384
 BIAS_PASSES = {"quick": ("fwd",), "full": ("fwd", "fwd+bwd")}
+TORCH_LENGTHS = {"quick": (1024,), "full": (1024, 2048, 4096, 8192)}
+TORCH_HEAD_DIMS = (64, 128)
+TORCH_PASSES = {"quick": ("fwd",), "full": ("fwd", "fwd+bwd")}
+# SDPA's materialized [1, H, L, L] float32 bias is 2 GiB at L = 8k.
+SDPA_BIAS_MAX_LENGTH = 4096
+T5_BUCKETS, T5_MAX_DISTANCE = 32, 128
 ATTENTION_LENGTHS = {
     "quick": {"fwd": (512, 1024, 2048), "fwd+bwd": (512, 1024)},
     "full": {"fwd": (1024, 2048, 4096, 8192, 16384), "fwd+bwd": (1024, 2048, 4096, 8192, 16384)},
@@ -73,6 +82,21 @@ GROUPS = {
         "`cudnn` (GPU only) `jax.nn.dot_product_attention(implementation='cudnn')`. FLOP/s "
         "counts the useful causal FLOPs (half the square). Programs over the memory budget "
         "are compiled for their memory but not run."
+    ),
+    "torch": (
+        f"The library against PyTorch on the CPU, float32, batch 1, {HEADS} heads, causal, "
+        "forward (`fwd`) and forward + backward (`fwd+bwd`, gradients for q, k, v), torch "
+        "pinned to as many threads as JAX's CPU client uses. Rows `torch/<term>/<pass>/"
+        "D<head_dim>/<L>` are the library's default path: `dot_product_attention("
+        "implementation='blockwise')` with the ALiBi or causal T5 (32 buckets, max "
+        "distance 128) `bias_fn`, or without one (`causal`), and `apply_rope_qk` (`rope`, "
+        "q and k `[1, L, H, D]`). `÷ flex`: compiled FlexAttention with a causal block mask "
+        "and the term as `score_mod`; `÷ sdpa+bias`: SDPA with the ALiBi bias and the "
+        f"causal mask materialized once as `[1, H, L, L]` (L <= {SDPA_BIAS_MAX_LENGTH}); "
+        "`÷ sdpa`: SDPA's causal path; `÷ hf` / `÷ hf compiled`: Hugging Face's RoPE "
+        "formula (cos/sin per call, `rotate_half`), eager and `torch.compile`d. Ratios "
+        "below 1 mean the library is faster. The torch rows' compile time is their first "
+        "call."
     ),
 }
 
@@ -232,13 +256,20 @@ def attention_inputs(length: int, dtype, batch: int = 1):
     return make_args
 
 
-def with_backward(forward):
-    """`fn(*args) -> gradients of sum(forward(*args))` with respect to every argument."""
+def with_backward(forward, argnums: tuple[int, ...] | None = None):
+    """`fn(*args) -> gradients of sum(forward(*args))` for `argnums` (default: all).
+
+    Every output of `forward` (an array or a tuple of arrays) enters the sum.
+    """
 
     def loss(*args):
-        return forward(*args).astype(jnp.float32).sum()
+        return sum(out.astype(jnp.float32).sum() for out in jax.tree.leaves(forward(*args)))
 
-    return lambda *args: jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+    def gradients(*args):
+        wanted = tuple(range(len(args))) if argnums is None else argnums
+        return jax.grad(loss, argnums=wanted)(*args)
+
+    return gradients
 
 
 PASSES = {"fwd": (lambda forward: forward, 1.0), "fwd+bwd": (with_backward, 3.5)}
@@ -387,6 +418,177 @@ def bias_cases(mode: str) -> list[Case]:
     return cases
 
 
+def torch_available() -> bool:
+    """Whether torch is installed (found without importing it)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def _torch_baselines():
+    """`benchmarks.torch_baselines`, imported on first use (the suite loads without torch)."""
+    from benchmarks import torch_baselines
+
+    torch_baselines.setup(threads=benchmarking.environment()["cpu_cores"])
+    return torch_baselines
+
+
+def _call(function, *args):
+    """Calls a prepared torch function (the first of the arguments `make_args` returns)."""
+    return function(*args)
+
+
+def _torch_case(name: str, prepare, arrays, backward: bool, size: int, **fields) -> Case:
+    """A torch reference; `prepare(torch_baselines)` returns the forward pass.
+
+    `arrays()` gives the float host inputs `[B, L, H, D]` (passed heads-first, with
+    gradients when `backward`), followed by any other inputs `prepare` needs.
+    """
+
+    def make_args():
+        baselines = _torch_baselines()
+        forward, *extra = prepare(baselines)
+        function = baselines.with_backward(forward) if backward else forward
+        tensors = [baselines.heads_first(a, requires_grad=backward) for a in arrays()]
+        return (function, *tensors, *extra)
+
+    return Case(
+        name=name,
+        group="torch",
+        fn=_call,
+        make_args=make_args,
+        size=size,
+        listed=True,
+        framework="torch",
+        **fields,
+    )
+
+
+def _t5_settings(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random `[buckets, H]` T5 table and the causal bucket of each distance 0..128."""
+    table = 0.5 * _host_normal((T5_BUCKETS, HEADS), 100 + head_dim)
+    buckets = pe.t5_relative_position_bucket(
+        -np.arange(T5_MAX_DISTANCE + 1, dtype=np.int32),
+        bidirectional=False,
+        num_buckets=T5_BUCKETS,
+        max_distance=T5_MAX_DISTANCE,
+    )
+    return table, np.asarray(buckets)
+
+
+def _blockwise_with(bias_fn):
+    def attend(q, k, v):
+        return pe.dot_product_attention(
+            q, k, v, bias_fn=bias_fn, causal=True, implementation="blockwise"
+        )
+
+    return attend
+
+
+def _torch_attention_cases(pass_name: str, head_dim: int, length: int) -> list[Case]:
+    """ALiBi, T5 and no term: blockwise attention against FlexAttention / SDPA."""
+    backward = pass_name == "fwd+bwd"
+    flops = PASSES[pass_name][1] * 2.0 * HEADS * length * length * head_dim
+    suffix = f"{pass_name}/D{head_dim}/{length}"
+    slopes = pe.alibi_slopes(HEADS)
+    table, buckets = _t5_settings(head_dim)
+
+    def qkv():
+        return tuple(_host_normal((1, length, HEADS, head_dim), seed) for seed in range(3))
+
+    def library(term, forward, references, table=None):
+        def make_args():
+            return tuple(jnp.asarray(a) for a in (*qkv(), *([] if table is None else [table])))
+
+        return Case(
+            name=f"torch/{term}/{suffix}",
+            group="torch",
+            fn=with_backward(forward, argnums=(0, 1, 2)) if backward else forward,
+            make_args=make_args,
+            references=tuple(references),
+            flops=flops,
+            series=f"torch/{term}/{pass_name}/D{head_dim}/jax",
+            size=length,
+        )
+
+    def baseline(term, label, prepare):
+        series = f"torch/{term}/{pass_name}/D{head_dim}/{label}"
+        name = f"torch/{term}/{suffix}/{label}"
+        return label, _torch_case(name, prepare, qkv, backward, length, flops=flops, series=series)
+
+    def t5(q, k, v, table):
+        bias_fn = functools.partial(
+            pe.t5_bias, table, bidirectional=False, max_distance=T5_MAX_DISTANCE
+        )
+        return _blockwise_with(bias_fn)(q, k, v)
+
+    alibi_refs = [baseline("alibi", "flex", lambda b: [b.flex(length, b.alibi_score_mod(slopes))])]
+    if length <= SDPA_BIAS_MAX_LENGTH:
+        bias = baseline(
+            "alibi", "sdpa+bias", lambda b: [b.sdpa_with_bias(b.alibi_causal_bias(slopes, length))]
+        )
+        alibi_refs.append(bias)
+    return [
+        library(
+            "alibi", _blockwise_with(functools.partial(pe.alibi_bias, slopes=slopes)), alibi_refs
+        ),
+        library(
+            "t5",
+            t5,
+            [baseline("t5", "flex", lambda b: [b.flex(length, b.t5_score_mod(table, buckets))])],
+            table=table,
+        ),
+        library(
+            "causal", _blockwise_attention, [baseline("causal", "sdpa", lambda b: [b.sdpa_causal])]
+        ),
+    ]
+
+
+def _torch_rope_case(pass_name: str, head_dim: int, length: int) -> Case:
+    """`apply_rope_qk` against Hugging Face's formula, eager and compiled."""
+    backward = pass_name == "fwd+bwd"
+    suffix = f"{pass_name}/D{head_dim}/{length}"
+    positions = np.arange(length, dtype=np.int32)[None]
+
+    def qk():
+        return tuple(_host_normal((1, length, HEADS, head_dim), seed) for seed in range(2))
+
+    def make_args():
+        return (*(jnp.asarray(a) for a in qk()), jnp.asarray(positions))
+
+    def hf(label, compiled):
+        def prepare(b):
+            rope = b.compiled(b.hf_rope) if compiled else b.hf_rope
+            return [rope, b.positions(positions), b.hf_inv_freq(head_dim)]
+
+        tag = label.replace(" ", "-")
+        name = f"torch/rope/{suffix}/{tag}"
+        series = f"torch/rope/{pass_name}/D{head_dim}/{tag}"
+        return label, _torch_case(name, prepare, qk, backward, length, series=series)
+
+    forward = pe.apply_rope_qk
+    return Case(
+        name=f"torch/rope/{suffix}",
+        group="torch",
+        fn=with_backward(forward, argnums=(0, 1)) if backward else forward,
+        make_args=make_args,
+        references=(hf("hf", False), hf("hf compiled", True)),
+        series=f"torch/rope/{pass_name}/D{head_dim}/jax",
+        size=length,
+    )
+
+
+def torch_cases(mode: str) -> list[Case]:
+    """The torch comparison (CPU backend, torch installed; otherwise none, see `notes`)."""
+    if _on_gpu() or not torch_available():
+        return []
+    cases = []
+    for pass_name in TORCH_PASSES[mode]:
+        for head_dim in TORCH_HEAD_DIMS:
+            for length in TORCH_LENGTHS[mode]:
+                cases += _torch_attention_cases(pass_name, head_dim, length)
+                cases.append(_torch_rope_case(pass_name, head_dim, length))
+    return cases
+
+
 def _train_encodings(mode: str, encodings: tuple[str, ...]) -> list[str]:
     """The study's encodings; in quick mode "none" and the first of each contribution."""
     if mode == "full":
@@ -435,11 +637,18 @@ def build_cases(mode: str) -> list[Case]:
         *bias_cases(mode),
         *attention_cases(mode),
         *train_cases(mode),
+        *torch_cases(mode),
     ]
 
 
 def notes() -> list[str]:
     """Remarks recorded with the results (which comparisons this backend could run)."""
     if _on_gpu():
-        return []
-    return ["No GPU: the cuDNN attention comparison and '% of peak' bandwidth were not run."]
+        return ["The torch comparison runs on the CPU backend only; it was not run."]
+    notes = ["No GPU: the cuDNN attention comparison and '% of peak' bandwidth were not run."]
+    if not torch_available():
+        notes.append(
+            "torch is not installed: the torch comparison (group `torch`) was skipped; "
+            "`pip install 'jax_posenc[bench]'` adds it."
+        )
+    return notes

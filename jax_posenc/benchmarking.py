@@ -50,6 +50,7 @@ from jax_posenc import _checks, _files
 
 SCHEMA_VERSION = 1
 MODES = ("quick", "full")
+FRAMEWORKS = ("jax", "torch")
 
 # Peak memory bandwidth (bytes/s) from the vendors' data sheets, matched against
 # `device.device_kind` (the most specific key first). Others: pass `--peak-bandwidth`.
@@ -87,6 +88,9 @@ class Case:
       size: the x value of the curve (e.g. sequence length).
       listed: as a reference, also give this function its own row in its group's
         table, plots and fits (e.g. `xla` attention next to the blockwise rows).
+      framework: "jax" (jitted, compiled memory read) or "torch" (a PyTorch baseline:
+        called as is, its first call, which includes any `torch.compile` compilation,
+        is reported as the compile time; no compiled memory).
     """
 
     name: str
@@ -101,6 +105,10 @@ class Case:
     series: str | None = None
     size: int | None = None
     listed: bool = False
+    framework: str = "jax"
+
+    def __post_init__(self):
+        _checks.check_choice("framework", self.framework, FRAMEWORKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +212,7 @@ def environment(settings: Settings | None = None) -> dict[str, Any]:
         "jax": jax.__version__,
         "jaxlib": _version("jaxlib"),
         "flax": _version("flax"),
+        "torch": _version("torch"),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -279,6 +288,10 @@ class _Prepared:
 
 def _prepare(case: Case) -> _Prepared:
     args = tuple(case.make_args())
+    if case.framework == "torch":  # compiles (torch.compile) or runs eagerly on first call
+        start = time.perf_counter()
+        case.fn(*args)
+        return _Prepared(case, case.fn, args, time.perf_counter() - start, None)
     jax.block_until_ready(args)
     start = time.perf_counter()
     compiled = jax.jit(case.fn).lower(*args).compile()

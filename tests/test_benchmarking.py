@@ -248,11 +248,12 @@ def test_peak_bandwidth_lookup():
 
 
 def _suite_functions(cases):
-    """Every case and reference once, by name."""
+    """Every JAX case and reference once, by name (the torch baselines are not traced)."""
     functions = {}
     for case in cases:
         for function in (case, *(ref for _, ref in case.references)):
-            functions.setdefault(function.name, function)
+            if function.framework == "jax":
+                functions.setdefault(function.name, function)
     return functions.values()
 
 
@@ -261,6 +262,48 @@ def test_every_quick_case_traces_against_the_current_api():
     for case in _suite_functions(suite.build_cases("quick")):
         args = jax.eval_shape(lambda case=case: tuple(case.make_args()))
         jax.eval_shape(case.fn, *args)
+
+
+def test_torch_comparison_is_skipped_with_a_note_without_torch(monkeypatch):
+    suite = benchmarking.load_suite()
+    monkeypatch.setattr(suite, "torch_available", lambda: False)
+    assert not suite.torch_cases("quick")
+    assert any("torch is not installed" in note for note in suite.notes())
+
+
+def test_torch_cases_pair_each_library_path_with_torch_without_importing_torch(monkeypatch):
+    suite = benchmarking.load_suite()
+    monkeypatch.setattr(suite, "torch_available", lambda: True)
+    imported = "torch" in sys.modules
+    cases = {case.name: case for case in suite.torch_cases("quick")}
+    assert ("torch" in sys.modules) == imported  # building the cases never imports torch
+    labels = {name: [label for label, _ in case.references] for name, case in cases.items()}
+    assert labels["torch/alibi/fwd/D64/1024"] == ["flex", "sdpa+bias"]
+    assert labels["torch/t5/fwd/D128/1024"] == ["flex"]
+    assert labels["torch/causal/fwd/D64/1024"] == ["sdpa"]
+    assert labels["torch/rope/fwd/D64/1024"] == ["hf", "hf compiled"]
+    for case in cases.values():
+        assert case.framework == "jax" and case.group == "torch"
+        assert all(ref.framework == "torch" and ref.listed for _, ref in case.references)
+
+
+def test_non_jax_case_is_called_as_is_and_its_first_call_is_the_compile_time():
+    calls = []
+
+    def numpy_double(x):
+        calls.append(1)
+        return 2.0 * x
+
+    case = Case(
+        name="numpy-double",
+        group="toy",
+        fn=numpy_double,
+        make_args=lambda: (np.ones(SHAPE, np.float32),),
+        framework="torch",
+    )
+    record = benchmarking.measure(case, FAST)
+    assert record["compile_s"] > 0 and record["memory"] is None
+    assert record["time"]["repeats"] == 3 and len(calls) > 3
 
 
 def test_gpu_cases_add_cudnn_references(monkeypatch):
