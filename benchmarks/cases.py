@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +88,9 @@ GROUPS = {
     "torch": (
         f"The library against PyTorch on the CPU, float32, batch 1, {HEADS} heads, causal, "
         "forward (`fwd`) and forward + backward (`fwd+bwd`, gradients for q, k, v), torch "
-        "pinned to as many threads as JAX's CPU client uses. Rows `torch/<term>/<pass>/"
-        "D<head_dim>/<L>` are the library's default path: `dot_product_attention("
+        "pinned to as many threads as JAX's CPU client uses (OpenMP waiting passively). "
+        "Rows `torch/<term>/<pass>/D<head_dim>/<L>` are the library's default path: "
+        "`dot_product_attention("
         "implementation='blockwise')` with the ALiBi or causal T5 (32 buckets, max "
         "distance 128) `bias_fn`, or without one (`causal`), and `apply_rope_qk` (`rope`, "
         "q and k `[1, L, H, D]`). `÷ flex`: compiled FlexAttention with a causal block mask "
@@ -423,11 +426,23 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def _torch_threads() -> int:
+    """torch's intra-op threads: as many as the cores JAX's CPU client uses."""
+    return benchmarking.environment()["cpu_cores"]
+
+
 def _torch_baselines():
-    """`benchmarks.torch_baselines`, imported on first use (the suite loads without torch)."""
+    """`benchmarks.torch_baselines`, imported on first use (the suite loads without torch).
+
+    torch's OpenMP threads wait passively unless `OMP_WAIT_POLICY` says otherwise (it
+    must be set before torch loads): spinning waits starve the other framework's
+    threads in this interleaved run, and on a shared machine they made eager torch up
+    to 50x slower.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from benchmarks import torch_baselines
 
-    torch_baselines.setup(threads=benchmarking.environment()["cpu_cores"])
+    torch_baselines.setup(threads=_torch_threads())
     return torch_baselines
 
 
@@ -650,5 +665,10 @@ def notes() -> list[str]:
         notes.append(
             "torch is not installed: the torch comparison (group `torch`) was skipped; "
             "`pip install 'jax_posenc[bench]'` adds it."
+        )
+    else:
+        notes.append(
+            f"torch {importlib.metadata.version('torch')}: {_torch_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}."
         )
     return notes
