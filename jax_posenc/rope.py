@@ -203,10 +203,10 @@ def _rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> 
     The head is viewed as blocks of `g` features, `g` the largest size that keeps every
     pair within one block (half: pair `i` with `i + n`, so `g = gcd(n, D)` and block `k`
     pairs with block `k + n/g`; interleaved: `g = gcd(2n, D)`, pairs inside each block).
-    The rotated blocks and the untouched ones are joined along the block axis, never
-    along the features: XLA:CPU emits a loop per block kind whose innermost loop runs
-    over `g` contiguous features, which it vectorises, whereas a join on the last axis
-    puts a branch or a gather into that loop (or, on the last axis, costs a copy).
+    The rotated blocks and the untouched ones are joined along the block axis: XLA:CPU
+    then runs the block kinds as branches outside an innermost loop over `g` contiguous
+    features, which it vectorises. Joined along the features instead, the branch or a
+    gather lands inside that loop (and a concatenation on the last axis costs a copy).
 
     Returns:
       `[..., D/g, g]` (half) or `[..., D/g, g/2, 2]` (interleaved); reshaping to
