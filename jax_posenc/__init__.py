@@ -17,7 +17,6 @@ from jax_posenc.attention import (
     cached_attention,
     dot_product_attention,
     init_cache,
-    make_attention_fn,
     segment_positions,
     update_cache,
 )
@@ -36,6 +35,7 @@ from jax_posenc.bias import (
     t5_bias,
     t5_relative_position_bucket,
 )
+from jax_posenc.layers import EncodedAttention, make_attention_fn
 from jax_posenc.model import Transformer, TransformerConfig
 from jax_posenc.registry import (
     Encoding,
@@ -82,6 +82,7 @@ __all__ = [
     "BiasFn",
     "DynamicNTKScaling",
     "DynamicPositionBias",
+    "EncodedAttention",
     "Encoding",
     "EncodingSpec",
     "FireBias",

@@ -1,422 +1,291 @@
-"""Flax NNX counterparts of the linen modules, calling the same pure functions.
+"""Flax NNX modules, generated from the linen ones.
 
-Usage::
+Every encoding is defined once, as a linen module in its family file. The NNX classes
+here are made from those by `nnx_class` (through `flax.nnx.bridge.ToNNX`) and
+initialised on construction from tiny example inputs: no parameter's shape depends on
+the sequence length. A class takes its linen module's fields as arguments, plus `rngs`
+where parameters start random, and has the same methods (`__call__`, `bias_fn()` of the
+biases, `terms()` of the relative terms). Parameters keep their linen names and paths,
+so a linen parameter tree loads as it is::
 
     from jax_posenc import nnx as pe_nnx
     emb = pe_nnx.LearnedEmbedding(512, 64, rngs=nnx.Rngs(0))
+    nnx.update(emb, linen_variables["params"])
 
-Each class holds the same parameters under the same names as its linen twin, so a
-linen parameter tree can be copied in (`emb.embedding[...] = params["embedding"]`).
+`from_registry` builds the NNX module of one part of a registered encoding, and
+`AttentionFn` is an `attention_fn` for `nnx.MultiHeadAttention` that owns an encoding's
+parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
 
+import flax.errors
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from jax_posenc import _checks, absolute, attention, bias, registry, relative, rope
+from jax_posenc import _checks, absolute, bias, layers, registry, relative, rope
+
+__all__ = [
+    "AlibiBias",
+    "AttentionFn",
+    "DynamicPositionBias",
+    "FireBias",
+    "KerpleBias",
+    "LearnedEmbedding",
+    "RelativePositionEmbedding",
+    "RotaryEmbedding",
+    "SinusoidalEmbedding",
+    "T5RelativePositionBias",
+    "TransformerXLRelativePosition",
+    "XPosEmbedding",
+    "from_linen",
+    "from_registry",
+    "nnx_class",
+]
 
 
-class SinusoidalEmbedding(nnx.Module):
-    """NNX twin of `jax_posenc.SinusoidalEmbedding` (no parameters)."""
-
-    def __init__(
-        self,
-        features: int,
-        *,
-        base: float = 10000.0,
-        layout: str = "interleaved",
-        dtype: jnp.dtype = jnp.float32,
-        angle_precision: str = "exact",
-    ):
-        self.features = _checks.check_even_positive_int("features", features)
-        self.base = _checks.check_positive_float("base", base)
-        self.layout = _checks.check_choice("layout", layout, absolute.SINUSOIDAL_LAYOUTS)
-        self.dtype = dtype
-        self.angle_precision = angle_precision
-
-    def __call__(self, positions: jax.Array) -> jax.Array:
-        return absolute.sinusoidal_encoding(
-            positions,
-            self.features,
-            base=self.base,
-            layout=self.layout,
-            dtype=self.dtype,
-            angle_precision=self.angle_precision,
-        )
+def _positions() -> np.ndarray:
+    return np.zeros((1, 1), np.int32)
 
 
-class LearnedEmbedding(nnx.Module):
-    """NNX twin of `jax_posenc.LearnedEmbedding`; parameter `embedding`."""
-
-    def __init__(
-        self,
-        num_positions: int,
-        features: int,
-        *,
-        rngs: nnx.Rngs,
-        mode: str = "clip",
-        dtype: jnp.dtype = jnp.float32,
-        param_dtype: jnp.dtype = jnp.float32,
-        embedding_init: nnx.Initializer | None = None,
-    ):
-        num_positions = _checks.check_positive_int("num_positions", num_positions)
-        features = _checks.check_positive_int("features", features)
-        self.mode = _checks.check_choice("mode", mode, absolute.LOOKUP_MODES)
-        self.dtype = dtype
-        embedding_init = embedding_init or absolute.learned_embedding_init()
-        self.embedding = nnx.Param(
-            embedding_init(rngs.params(), (num_positions, features), param_dtype)
-        )
-
-    def __call__(self, positions: jax.Array) -> jax.Array:
-        table = self.embedding[...]
-        return absolute.learned_embedding_lookup(table, positions, mode=self.mode).astype(
-            self.dtype
-        )
+def _activations(num_heads: int, head_dim: int) -> np.ndarray:
+    return np.zeros((1, 1, num_heads, head_dim), np.float32)
 
 
-# ---- relative positions and attention biases (ALiBi, T5, KERPLE, FIRE, DPB, Shaw, XL)
+# The arguments that initialise a module of each registry part, from its number of heads
+# and features per head. NumPy arrays stay concrete when construction is traced (inside
+# `nnx.jit`), so checks on concrete positions (a learned table's range) still pass.
+_EXAMPLE_INPUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
+    "input_embedding": lambda num_heads, head_dim: (_positions(),),
+    "qk_transform": lambda num_heads, head_dim: (
+        _activations(num_heads, head_dim),
+        _activations(num_heads, head_dim),
+        _positions(),
+    ),
+    "logit_bias": lambda num_heads, head_dim: (_positions(), _positions()),
+    "relative_terms": lambda num_heads, head_dim: (
+        _activations(num_heads, head_dim),
+        _activations(num_heads, head_dim),
+        _positions(),
+        _positions(),
+    ),
+}
+_PARTS_WITH_ACTIVATIONS = ("qk_transform", "relative_terms")
+_NOT_FIELDS = ("parent", "name")
 
 
-def _mlp_parameters(module: nnx.Module, shapes, rngs: nnx.Rngs) -> None:
-    """Sets `kernel_i` / `bias_i` parameters, named as in the linen modules."""
-    for i, shape in enumerate(shapes):
-        kernel = bias.mlp_kernel_init(rngs.params(), shape, jnp.float32)
-        setattr(module, f"kernel_{i}", nnx.Param(kernel))
-        setattr(module, f"bias_{i}", nnx.Param(bias.mlp_bias_init(None, (shape[1],))))
+def _size(value: Any) -> int | None:
+    """A usable example size; an invalid field value is left for the linen module to name."""
+    if value is None:
+        return None
+    return value if isinstance(value, int) and value > 0 else 1
 
 
-def _mlp_layers(module: nnx.Module, count: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
-    return tuple(
-        (getattr(module, f"kernel_{i}")[...], getattr(module, f"bias_{i}")[...])
-        for i in range(count)
+def _example_sizes(module: nn.Module, head_dim: int | None) -> tuple[int, int | None]:
+    """Heads and features per head of the example activations: the module's own fields
+    (`num_heads`, `head_dim`), else the `head_dim` given, else `rotary_dim` (enough to
+    rotate); None where nothing fixes the head size."""
+    num_heads = _size(getattr(module, "num_heads", 1))
+    for value in (getattr(module, "head_dim", None), head_dim, getattr(module, "rotary_dim", None)):
+        if value is not None:
+            return num_heads, _size(value)
+    return num_heads, None
+
+
+class _Generated(bridge.ToNNX):
+    """A `ToNNX` of one linen class, initialised on construction (see `nnx_class`)."""
+
+    linen_class: ClassVar[type[nn.Module]]
+    part: ClassVar[str]
+    takes_head_dim: ClassVar[bool]
+
+    def __init__(self, *args: Any, rngs: nnx.Rngs | jax.Array | None = None, **fields: Any):
+        head_dim = fields.pop("head_dim", None) if self.takes_head_dim else None
+        module = self.linen_class(*args, **fields)
+        super().__init__(module, rngs=jax.random.key(0) if rngs is None else rngs)
+        num_heads, head_dim = _example_sizes(module, head_dim)
+        # Without a head size (a rotary module given neither rotary_dim nor head_dim) the
+        # module is left uninitialised: it has no parameters unless they need that size.
+        if head_dim is not None or self.part not in _PARTS_WITH_ACTIVATIONS:
+            example = _EXAMPLE_INPUTS[self.part](num_heads, head_dim)
+            # Eager even when construction is traced (`nnx.jit`), so the example
+            # positions stay concrete and pass concrete-only checks.
+            with jax.ensure_compile_time_eval():
+                bridge.lazy_init(self, *example)
+                if rngs is None:
+                    self._check_deterministic(example)
+        # Nothing is drawn after initialisation, so the state holds only the parameters.
+        self.to_nnx__rngs = None
+
+    def _check_deterministic(self, example: tuple[np.ndarray, ...]) -> None:
+        """Without `rngs` a fixed key initialised the parameters, which is only right for
+        parameters that start from constants (KERPLE, RoPE frequencies): a second key
+        must give the same values."""
+        params = jax.tree.leaves(nnx.state(self, nnx.Not(nnx.RngState)))
+        if params:
+            other = jax.tree.leaves(self.to_nnx__module.init(jax.random.key(1), *example))
+            if not all(np.array_equal(a, b) for a, b in zip(params, other, strict=True)):
+                raise TypeError(
+                    f"{type(self).__name__} starts from random parameters; pass rngs=nnx.Rngs(...)"
+                )
+
+
+def _forward(name: str, linen_method: Callable) -> Callable:
+    """A method that applies the linen method `name` to the module's variables."""
+
+    @functools.wraps(linen_method)
+    def method(self, *args, **kwargs):
+        try:
+            return bridge.ToNNX.__call__(self, *args, method=name, **kwargs)
+        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError) as error:
+            if jax.tree.leaves(nnx.state(self)):
+                raise
+            raise ValueError(
+                f"{type(self).__name__} was built without a head size, which its parameters "
+                "need; pass head_dim=... (or rotary_dim=...) to the constructor"
+            ) from error
+
+    return method
+
+
+def _signature(linen_class: type[nn.Module], takes_head_dim: bool) -> inspect.Signature:
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [
+        parameter
+        for parameter in inspect.signature(linen_class).parameters.values()
+        if parameter.name not in _NOT_FIELDS
+    ]
+    parameters.append(inspect.Parameter("rngs", keyword, default=None, annotation="nnx.Rngs"))
+    if takes_head_dim:
+        parameters.append(inspect.Parameter("head_dim", keyword, default=None, annotation="int"))
+    return inspect.Signature(parameters)
+
+
+@functools.cache
+def nnx_class(linen_class: type[nn.Module], part: str) -> type[nnx.Module]:
+    """The NNX class generated from a linen module class that contributes `part`.
+
+    Instances take the linen fields as arguments (positional ones in field order) plus
+    the keyword `rngs`, needed where parameters start random. They are initialised on
+    construction by calling the linen module on example inputs of the part
+    ("input_embedding": positions `[1, 1]`; "logit_bias": two of them; "qk_transform"
+    and "relative_terms": q and k `[1, 1, H, D]` and positions, with H and D from the
+    fields `num_heads` and `head_dim`, a "qk_transform" taking D from an extra keyword
+    `head_dim` or else `rotary_dim`). The linen module's public methods and `__call__`
+    are methods of the class; its parameters are attributes under their linen names.
+
+    Args:
+      linen_class: a linen module class whose parameter shapes do not depend on the
+        sequence length.
+      part: the registry part it is built for, one of "input_embedding",
+        "qk_transform", "logit_bias", "relative_terms".
+
+    Returns:
+      A subclass of `flax.nnx.bridge.ToNNX`; one class per `(linen_class, part)`.
+    """
+    _checks.check_choice("part", part, tuple(_EXAMPLE_INPUTS))
+    fields = {field.name for field in dataclasses.fields(linen_class)}
+    takes_head_dim = part in _PARTS_WITH_ACTIVATIONS and "head_dim" not in fields
+    methods = {
+        name: _forward(name, value)
+        for name, value in vars(linen_class).items()
+        if callable(value)
+        and name not in fields
+        and name != "setup"
+        and (name == "__call__" or not name.startswith("_"))
+    }
+    linen_name = f"{linen_class.__module__}.{linen_class.__qualname__}"
+    extra = ", `head_dim` (the size of the example heads)" if takes_head_dim else ""
+    doc = (
+        f"NNX `{linen_class.__name__}` generated from `{linen_name}` (see `nnx_class`).\n\n"
+        f"Arguments: the linen fields, `rngs`{extra}.\n\n{inspect.getdoc(linen_class) or ''}"
     )
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": linen_class.__qualname__,
+        "__doc__": doc,
+        "__signature__": _signature(linen_class, takes_head_dim),
+        "linen_class": linen_class,
+        "part": part,
+        "takes_head_dim": takes_head_dim,
+        **methods,
+    }
+    return type(_Generated)(linen_class.__name__, (_Generated,), namespace)
 
 
-class AlibiBias(nnx.Module):
-    """NNX twin of `jax_posenc.AlibiBias` (no parameters)."""
+def from_linen(
+    module: nn.Module,
+    part: str,
+    *,
+    rngs: nnx.Rngs | jax.Array | None = None,
+    head_dim: int | None = None,
+) -> nnx.Module:
+    """An NNX module with the fields of the linen `module` (fresh parameters).
 
-    def __init__(
-        self,
-        num_heads: int,
-        *,
-        slopes: tuple[float, ...] | None = None,
-        form: str = "symmetric",
-    ):
-        self.slopes = tuple(float(s) for s in bias.alibi_module_slopes(num_heads, slopes))
-        self.form = _checks.check_choice("form", form, bias.ALIBI_FORMS)
-
-    def bias_fn(self):
-        """Pure `bias_fn(q_positions, k_positions) -> [B or 1, H, bq, bk]`."""
-        return functools.partial(bias.alibi_bias, slopes=self.slopes, form=self.form)
-
-    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        return self.bias_fn()(q_positions, k_positions)
-
-
-class T5RelativePositionBias(nnx.Module):
-    """NNX twin of `jax_posenc.T5RelativePositionBias`; parameter `relative_attention_bias`."""
-
-    def __init__(
-        self,
-        num_heads: int,
-        *,
-        rngs: nnx.Rngs,
-        num_buckets: int = 32,
-        max_distance: int = 128,
-        bidirectional: bool = True,
-        embedding_init: nnx.Initializer | None = None,
-    ):
-        num_heads = _checks.check_positive_int("num_heads", num_heads)
-        bias.check_t5_bucket_settings(bidirectional, num_buckets, max_distance)
-        self.max_distance = max_distance
-        self.bidirectional = bidirectional
-        embedding_init = embedding_init or bias.t5_bias_init()
-        self.relative_attention_bias = nnx.Param(
-            embedding_init(rngs.params(), (num_buckets, num_heads), jnp.float32)
-        )
-
-    def bias_fn(self):
-        """Pure `bias_fn(q_positions, k_positions)` closing over the table."""
-        return functools.partial(
-            bias.t5_bias,
-            self.relative_attention_bias[...],
-            bidirectional=self.bidirectional,
-            max_distance=self.max_distance,
-        )
-
-    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        return self.bias_fn()(q_positions, k_positions)
-
-
-class KerpleBias(nnx.Module):
-    """NNX twin of `jax_posenc.KerpleBias`; parameters `r1_unconstrained`, `r2_unconstrained`.
-
-    The initialisation is deterministic (see `bias.kerple_initial_parameters`), so no
-    random keys are needed.
+    Args:
+      module: an unbound linen module, e.g. the one a registry factory returns.
+      part: the registry part it contributes (see `nnx_class`).
+      rngs: initialises random parameters.
+      head_dim: features per head of a "qk_transform"'s example inputs where no field
+        fixes them (learnable RoPE frequencies with `rotary_dim=None`).
     """
-
-    def __init__(self, num_heads: int, *, variant: str = "log"):
-        r1, r2 = bias.kerple_initial_parameters(num_heads, variant)
-        self.variant = variant
-        self.r1_unconstrained = nnx.Param(jnp.asarray(r1, jnp.float32))
-        self.r2_unconstrained = nnx.Param(jnp.asarray(r2, jnp.float32))
-
-    def bias_fn(self):
-        """Pure `bias_fn(q_positions, k_positions)` closing over the constrained parameters."""
-        return bias.kerple_bias_fn(
-            self.r1_unconstrained[...], self.r2_unconstrained[...], variant=self.variant
-        )
-
-    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        return self.bias_fn()(q_positions, k_positions)
+    cls = nnx_class(type(module), part)
+    fields = {
+        field.name: getattr(module, field.name)
+        for field in dataclasses.fields(module)
+        if field.init and field.name not in _NOT_FIELDS
+    }
+    if cls.takes_head_dim:
+        fields["head_dim"] = head_dim
+    return cls(**fields, rngs=rngs)
 
 
-class FireBias(nnx.Module):
-    """NNX twin of `jax_posenc.FireBias`; `log_c`, `log_threshold`, `kernel_i`, `bias_i`."""
+def from_registry(
+    encoding: str,
+    part: str,
+    spec: registry.EncodingSpec,
+    *,
+    rngs: nnx.Rngs | jax.Array | None = None,
+) -> nnx.Module:
+    """The NNX module of one part of a registered encoding, as its factory builds it.
 
-    def __init__(
-        self,
-        num_heads: int,
-        *,
-        rngs: nnx.Rngs,
-        hidden_features: int = 32,
-        num_hidden_layers: int = 1,
-        init_c: float = 0.1,
-        init_threshold: float = 512.0,
-    ):
-        shapes = bias.mlp_layer_shapes(hidden_features, num_hidden_layers, num_heads)
-        log_c, log_threshold = bias.fire_initial_parameters(init_c, init_threshold)
-        self.log_c = nnx.Param(jnp.asarray(log_c, jnp.float32))
-        self.log_threshold = nnx.Param(jnp.asarray(log_threshold, jnp.float32))
-        self.num_layers = len(shapes)
-        _mlp_parameters(self, shapes, rngs)
-
-    def bias_fn(self):
-        """Pure `bias_fn(q_positions, k_positions)` closing over the parameters."""
-        return bias.fire_bias_fn(
-            _mlp_layers(self, self.num_layers), self.log_c[...], self.log_threshold[...]
-        )
-
-    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        return self.bias_fn()(q_positions, k_positions)
-
-
-class DynamicPositionBias(nnx.Module):
-    """NNX twin of `jax_posenc.DynamicPositionBias`; parameters `kernel_i`, `bias_i`."""
-
-    def __init__(
-        self,
-        num_heads: int,
-        *,
-        rngs: nnx.Rngs,
-        hidden_features: int = 64,
-        num_hidden_layers: int = 2,
-        log_distance: bool = True,
-        absolute: bool = False,
-    ):
-        shapes = bias.mlp_layer_shapes(hidden_features, num_hidden_layers, num_heads)
-        self.log_distance = log_distance
-        self.absolute = absolute
-        self.num_layers = len(shapes)
-        _mlp_parameters(self, shapes, rngs)
-
-    def bias_fn(self):
-        """Pure `bias_fn(q_positions, k_positions)` closing over the MLP parameters."""
-        return functools.partial(
-            bias.dynamic_position_bias,
-            layers=_mlp_layers(self, self.num_layers),
-            log_distance=self.log_distance,
-            absolute=self.absolute,
-        )
-
-    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        return self.bias_fn()(q_positions, k_positions)
-
-
-class RelativePositionEmbedding(nnx.Module):
-    """NNX twin of `jax_posenc.RelativePositionEmbedding`; `key_embedding`, `value_embedding`."""
-
-    def __init__(
-        self,
-        head_dim: int,
-        *,
-        rngs: nnx.Rngs,
-        max_relative_position: int = 16,
-        value_dim: int | None = None,
-        use_value_term: bool = True,
-        embedding_init: nnx.Initializer | None = None,
-    ):
-        head_dim = _checks.check_positive_int("head_dim", head_dim)
-        radius = _checks.check_positive_int("max_relative_position", max_relative_position)
-        embedding_init = embedding_init or relative.shaw_embedding_init()
-        rows = 2 * radius + 1
-        self.key_embedding = nnx.Param(embedding_init(rngs.params(), (rows, head_dim)))
-        self.use_value_term = use_value_term
-        if use_value_term:
-            value_dim = head_dim if value_dim is None else value_dim
-            value_dim = _checks.check_positive_int("value_dim", value_dim)
-            self.value_embedding = nnx.Param(embedding_init(rngs.params(), (rows, value_dim)))
-
-    def terms(self):
-        """`RelativeTerms` with the key term and (optionally) the value term."""
-        value_table = self.value_embedding[...] if self.use_value_term else None
-        return relative.shaw_terms(self.key_embedding[...], value_table)
-
-    def __call__(
-        self, q: jax.Array, k: jax.Array, q_positions: jax.Array, k_positions: jax.Array
-    ) -> jax.Array:
-        """Materialized logits `[B, H, q_len, k_len]`; see `relative.relative_logits`."""
-        return relative.relative_logits(q, k, self.terms(), q_positions, k_positions)
-
-
-class TransformerXLRelativePosition(nnx.Module):
-    """NNX twin of `jax_posenc.TransformerXLRelativePosition`.
-
-    Parameters `position_kernel` `[F, H, D]`, `content_bias` and `position_bias` `[H, D]`.
+    Args:
+      encoding: a registered name (not a "+" combination).
+      part: "input_embedding", "qk_transform", "logit_bias" or "relative_terms".
+      spec: the model's sizes and options, passed to the factory.
+      rngs: initialises random parameters.
     """
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        *,
-        rngs: nnx.Rngs,
-        features: int | None = None,
-        base: float = 10000.0,
-        kernel_init: nnx.Initializer | None = None,
-    ):
-        heads = _checks.check_positive_int("num_heads", num_heads)
-        head_dim = _checks.check_positive_int("head_dim", head_dim)
-        features = heads * head_dim if features is None else features
-        features = _checks.check_even_positive_int("features", features)
-        self.base = _checks.check_positive_float("base", base)
-        kernel_init = kernel_init or relative.transformer_xl_kernel_init()
-        self.position_kernel = nnx.Param(
-            kernel_init(rngs.params(), (features, heads, head_dim), jnp.float32)
+    _checks.check_choice("part", part, tuple(_EXAMPLE_INPUTS))
+    registered = registry.get_encoding(encoding)
+    factory = getattr(registered, part)
+    if factory is None:
+        raise ValueError(
+            f"encoding {encoding!r} contributes {list(registered.contributes)}, not {part!r}"
         )
-        self.content_bias = nnx.Param(jnp.zeros((heads, head_dim), jnp.float32))
-        self.position_bias = nnx.Param(jnp.zeros((heads, head_dim), jnp.float32))
-
-    def terms(self):
-        """`RelativeTerms` with the position term and the content bias u."""
-        return relative.transformer_xl_terms(
-            self.position_kernel[...],
-            self.content_bias[...],
-            self.position_bias[...],
-            base=self.base,
-        )
-
-    def __call__(
-        self, q: jax.Array, k: jax.Array, q_positions: jax.Array, k_positions: jax.Array
-    ) -> jax.Array:
-        """Materialized logits `[B, H, q_len, k_len]`; see `relative.relative_logits`."""
-        return relative.relative_logits(q, k, self.terms(), q_positions, k_positions)
+    return from_linen(factory(spec), part, rngs=rngs, head_dim=spec.head_dim)
 
 
-# ---- rotary (RoPE, xPos)
-
-
-class RotaryEmbedding(nnx.Module):
-    """NNX twin of `jax_posenc.RotaryEmbedding`; parameter `inv_freq` when learnable.
-
-    `__call__(q, k, positions, k_positions=None) -> (q_rot, k_rot)`. The parameter is
-    created here, before any input is seen, so `learnable_frequencies=True` needs
-    `rotary_dim`.
-    """
-
-    def __init__(
-        self,
-        rotary_dim: int | None = None,
-        *,
-        base: float = 10000.0,
-        layout: str = "half",
-        scaling: rope.RopeScaling | None = None,
-        learnable_frequencies: bool = False,
-        seq_len: int | None = None,
-        angle_precision: str = "exact",
-    ):
-        self.rotary_dim = rotary_dim
-        self.base = _checks.check_positive_float("base", base)
-        self.layout = _checks.check_choice("layout", layout, rope.ROPE_LAYOUTS)
-        self.scaling = scaling
-        self.seq_len = seq_len
-        self.angle_precision = angle_precision
-        if learnable_frequencies and rotary_dim is None:
-            raise ValueError("learnable_frequencies=True needs rotary_dim (the parameter size)")
-        self.inv_freq = (
-            nnx.Param(rope.initial_learned_frequencies(rotary_dim, base, scaling))
-            if learnable_frequencies
-            else None
-        )
-
-    def __call__(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        positions: jax.Array,
-        k_positions: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        return rope.apply_rope_qk(
-            q,
-            k,
-            positions,
-            k_positions,
-            base=self.base,
-            rotary_dim=self.rotary_dim,
-            layout=self.layout,
-            scaling=self.scaling,
-            inv_freq=None if self.inv_freq is None else self.inv_freq[...],
-            seq_len=self.seq_len,
-            angle_precision=self.angle_precision,
-        )
-
-
-class XPosEmbedding(nnx.Module):
-    """NNX twin of `jax_posenc.XPosEmbedding` (no parameters)."""
-
-    def __init__(
-        self,
-        *,
-        scale_base: float = 512.0,
-        rotary_dim: int | None = None,
-        base: float = 10000.0,
-        layout: str = "half",
-        reference_position: int | None = None,
-        angle_precision: str = "exact",
-    ):
-        self.scale_base = _checks.check_positive_float("scale_base", scale_base)
-        self.rotary_dim = rotary_dim
-        self.base = _checks.check_positive_float("base", base)
-        self.layout = _checks.check_choice("layout", layout, rope.ROPE_LAYOUTS)
-        self.reference_position = reference_position
-        self.angle_precision = angle_precision
-
-    def __call__(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        positions: jax.Array,
-        k_positions: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        return rope.apply_xpos(
-            q,
-            k,
-            positions,
-            k_positions=k_positions,
-            scale_base=self.scale_base,
-            base=self.base,
-            rotary_dim=self.rotary_dim,
-            layout=self.layout,
-            reference_position=self.reference_position,
-            angle_precision=self.angle_precision,
-        )
+SinusoidalEmbedding = nnx_class(absolute.SinusoidalEmbedding, "input_embedding")
+LearnedEmbedding = nnx_class(absolute.LearnedEmbedding, "input_embedding")
+AlibiBias = nnx_class(bias.AlibiBias, "logit_bias")
+T5RelativePositionBias = nnx_class(bias.T5RelativePositionBias, "logit_bias")
+KerpleBias = nnx_class(bias.KerpleBias, "logit_bias")
+FireBias = nnx_class(bias.FireBias, "logit_bias")
+DynamicPositionBias = nnx_class(bias.DynamicPositionBias, "logit_bias")
+RelativePositionEmbedding = nnx_class(relative.RelativePositionEmbedding, "relative_terms")
+TransformerXLRelativePosition = nnx_class(relative.TransformerXLRelativePosition, "relative_terms")
+RotaryEmbedding = nnx_class(rope.RotaryEmbedding, "qk_transform")
+XPosEmbedding = nnx_class(rope.XPosEmbedding, "qk_transform")
 
 
 class AttentionFn(nnx.Module):
@@ -466,7 +335,7 @@ class AttentionFn(nnx.Module):
         kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         kv_heads = _checks.check_positive_int("num_kv_heads", kv_heads)
         self.causal = bool(causal)
-        module = attention.EncodedAttention(
+        module = layers.EncodedAttention(
             encoding, registry.freeze_options(options, encoding), implementation, block_size
         )
         example = jnp.zeros((1, 1, num_heads, head_dim), jnp.float32)

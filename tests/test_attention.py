@@ -1,7 +1,9 @@
 """Tests for dot_product_attention (xla and blockwise), its Flax adapter and the KV cache."""
 
+import ast
 import functools
 import itertools
+import pathlib
 
 import chex
 import flax.linen as nn
@@ -807,3 +809,24 @@ def test_numeric_masks_are_refused_naming_the_argument():
     q, k, v = _qkv(1, 3, 3, 1, 1, 4)
     with pytest.raises(TypeError, match="mask must be a boolean array"):
         pe.dot_product_attention(q, k, v, mask=jnp.ones((3, 3)))
+
+
+def test_the_attention_package_imports_no_registry_family_model_or_training_module():
+    # The kernel sits below the encodings: read every import of its modules.
+    package = pathlib.Path(pe.__file__).parent / "attention"
+    forbidden = {"registry", "absolute", "rope", "rope_scaling", "bias", "relative", "nnx",
+                 "layers", "model", "train", "study", "data", "plots", "cli"}  # fmt: skip
+    modules = sorted(package.glob("*.py"))
+    assert {path.name for path in modules} >= {"core.py", "_block.py", "_blockwise.py", "cache.py"}
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "jax_posenc" and len(parts) > 1:
+                    assert parts[1] not in forbidden, f"{path.name} imports {name}"

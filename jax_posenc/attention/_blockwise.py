@@ -1,0 +1,378 @@
+"""Blockwise attention: tiling, the scans over blocks and a module-level custom VJP.
+
+Queries are split into blocks and, for each, key blocks are streamed with an online
+softmax, so no `Lq x Lk` array exists in the forward or the backward pass (the
+backward pass recomputes each block from the stored log-normalizers, as in
+FlashAttention). `_blockwise_attention` is a `jax.custom_vjp` defined once here, over
+explicit arrays only, so it composes with jit at any depth, checkpoint, scan, vmap and
+shard_map.
+
+References:
+  Rabe & Staats, 2021, Self-attention Does Not Need O(n^2) Memory.
+  Dao et al., 2022, FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_posenc._protocols import RelativeTerms
+from jax_posenc.attention._block import (
+    Block,
+    Terms,
+    accumulate,
+    finalize,
+    init_softmax,
+    log_normalizer,
+    masked_logits,
+    weighted_values,
+)
+
+_F32 = jnp.float32
+
+
+def _pad_axis(x: jax.Array | None, axis: int, size: int, mode: str) -> jax.Array | None:
+    """Pads `axis` to `size`; "edge" repeats the last entry, "false" appends False."""
+    if x is None or x.shape[axis] in (1, size):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    if mode == "edge":
+        return jnp.pad(x, widths, mode="edge")
+    return jnp.pad(x, widths)
+
+
+def _split_blocks(x: jax.Array | None, axis: int, block: int) -> jax.Array | None:
+    """`[..., n * block, ...] -> [n, ..., block, ...]` (blocks along `axis` moved to front)."""
+    if x is None:
+        return None
+    shape = (*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _merge_blocks(x: jax.Array, axis: int) -> jax.Array:
+    """Inverse of `_split_blocks`: `[n, ..., block, ...] -> [..., n * block, ...]`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+
+
+def _slice_mask(mask: jax.Array | None, axis: int, index: jax.Array, size: int):
+    if mask is None or mask.shape[axis] == 1:
+        return mask
+    return lax.dynamic_slice_in_dim(mask, index * size, size, axis=axis)
+
+
+def _hoist(fn: Callable | None, *examples: jax.Array):
+    """`(fn', consts)` with `fn'(*args, *consts) == fn(*args)` for block-shaped args.
+
+    A positional term may close over arrays: learned tables and MLP weights, but also
+    integer arrays or values traced by an enclosing `jit`, `scan` or `checkpoint`. The
+    custom VJP below must receive every one of them as an explicit argument (a traced
+    value it closed over would leak into its own trace), and it can only return
+    gradients for arguments. `jax.closure_convert` hoists only the values that may carry
+    a tangent, so this traces `fn` once to a jaxpr and hoists all of its constants.
+    """
+    if fn is None:
+        return None, ()
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*examples)
+    out_tree = jax.tree.structure(out_shape)
+    num_args = len(examples)
+
+    def hoisted(*args_and_consts):
+        args, consts = args_and_consts[:num_args], args_and_consts[num_args:]
+        return jax.tree.unflatten(out_tree, jax.core.eval_jaxpr(closed.jaxpr, consts, *args))
+
+    return hoisted, tuple(closed.consts)
+
+
+def _call_with(fn: Callable, consts: tuple, *args):
+    return fn(*args, *consts)
+
+
+def _anchor(*trees) -> jax.Array:
+    """A float32 scalar 0 of the same manual-axes type as every leaf of `trees` together.
+
+    Inside `shard_map`, a loop's initial carry must have the type of what its body
+    returns, which varies over the mesh axes its inputs vary over; zeros made from
+    scratch vary over none. Adding this anchor fixes that (and is a constant 0
+    elsewhere).
+    """
+    zero = jnp.zeros((), _F32)
+    for leaf in jax.tree.leaves(trees):
+        zero = zero + jnp.zeros_like(leaf, _F32).sum()  # constant-folded by XLA
+    return zero
+
+
+def _float32_zeros(tree, anchor: jax.Array | float = 0.0):
+    """Float32 zeros shaped (and sharded) like every leaf of `tree`."""
+    return jax.tree.map(lambda x: jnp.zeros_like(x, _F32) + anchor, tree)
+
+
+def _add_float32(total, tree):
+    return jax.tree.map(lambda a, b: a + b.astype(_F32), total, tree)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes (inside `shard_map`) over which `x` varies; empty elsewhere."""
+    axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(axis_type, "varying", ()))
+
+
+def _cotangent(gradient: jax.Array, primal) -> jax.Array | None:
+    """`gradient` as the cotangent of `primal`; None (zero) for integer/bool primals.
+
+    Inside `shard_map`, a primal that is the same on every device (e.g. a bias table)
+    gets the sum of the per-device partial gradients, as JAX's own AD does.
+    """
+    if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):
+        return None
+    extra = _varying_axes(gradient) - _varying_axes(primal)
+    if extra:
+        gradient = lax.psum(gradient, tuple(sorted(extra)))
+    return gradient.astype(jnp.result_type(primal))
+
+
+class _Tiling(NamedTuple):
+    """Static settings of the blockwise loops: the first, non-differentiable argument
+    of `_blockwise_attention`. The three functions are hoisted (`_hoist`): they read
+    their arrays from the `consts` argument, never from a closure."""
+
+    scale: float
+    causal: bool
+    q_block: int
+    k_block: int
+    k_len: int  # keys at or after this index are padding
+    bias_fn: Callable | None
+    query_bias_fn: Callable | None
+    value_fn: Callable | None
+
+
+def _bind_terms(tiling: _Tiling, content_bias, consts) -> Terms:
+    bound = [
+        None if fn is None else functools.partial(_call_with, fn, extra)
+        for fn, extra in zip(
+            (tiling.bias_fn, tiling.query_bias_fn, tiling.value_fn), consts, strict=True
+        )
+    ]
+    return Terms(
+        tiling.scale, tiling.causal, bound[0], RelativeTerms(bound[1], bound[2], content_bias)
+    )
+
+
+def _bounds(blocks: jax.Array | None):
+    """Per-block `(min, max)` over batch and block of `[n, B, block]` ids, or None."""
+    return None if blocks is None else (blocks.min(axis=(1, 2)), blocks.max(axis=(1, 2)))
+
+
+def _query_inputs(tiling: _Tiling, q, q_pos, q_seg):
+    """What `lax.map`/`lax.scan` over query blocks reads: index, block, ids, bounds."""
+    pos, seg = _split_blocks(q_pos, 1, tiling.q_block), _split_blocks(q_seg, 1, tiling.q_block)
+    num_q = q.shape[2] // tiling.q_block
+    return (jnp.arange(num_q), _split_blocks(q, 2, tiling.q_block), pos, seg,
+            (_bounds(pos), _bounds(seg)))  # fmt: skip
+
+
+def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg):
+    """What the scan over key blocks reads: index, blocks, ids, padding flags, bounds."""
+    k_block, k_pad = tiling.k_block, k.shape[2]
+    pos, seg = _split_blocks(k_pos, 1, k_block), _split_blocks(k_seg, 1, k_block)
+    valid = None
+    if k_pad != tiling.k_len:
+        valid = _split_blocks(jnp.arange(k_pad) < tiling.k_len, 0, k_block)
+    blocks = (_split_blocks(k, 2, k_block), _split_blocks(v, 2, k_block))
+    return (jnp.arange(k_pad // k_block), *blocks, pos, seg, valid, (_bounds(pos), _bounds(seg)))
+
+
+def _is_empty(causal: bool, q_bound, k_bound) -> jax.Array:
+    """Whether a block pair provably has no allowed entry.
+
+    Causal and every query position of the block is below every key position of the
+    other (max q_pos < min k_pos over the whole batch), or the ranges of segment ids of
+    the two blocks are disjoint. This holds for arbitrary positions, and for arange
+    positions it drops exactly the blocks above the diagonal.
+    """
+    (_, q_pos_max), q_seg_range = q_bound
+    (k_pos_min, _), k_seg_range = k_bound
+    empty = jnp.asarray(False)
+    if causal:
+        empty = empty | (q_pos_max < k_pos_min)
+    if q_seg_range is not None:
+        empty = empty | (q_seg_range[1] < k_seg_range[0]) | (k_seg_range[1] < q_seg_range[0])
+    return empty
+
+
+def _scan_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, skipped=None):
+    """`carry, output_j = step(carry, block)` over the key blocks of one query block.
+
+    Returns the final carry and the outputs stacked over key blocks; a skipped pair
+    leaves the carry as it is and outputs `skipped`. Carries stay block-sized: a
+    loop-carried full-length array would be copied through every `lax.cond`.
+    """
+    index, q_i, q_pos_i, q_seg_i, q_bound = q_inputs
+    mask_i = _slice_mask(mask, 2, index, tiling.q_block)
+
+    def body(carry, key_inputs):
+        j, k_j, v_j, k_pos_j, k_seg_j, valid_j, k_bound = key_inputs
+        block = Block(
+            q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
+            _slice_mask(mask_i, 3, j, tiling.k_block), valid_j,
+        )  # fmt: skip
+        if not (tiling.causal or q_seg_i is not None):
+            return step(carry, block)
+        skip = _is_empty(tiling.causal, q_bound, k_bound)
+        return lax.cond(skip, lambda c: (c, skipped), lambda c: step(c, block), carry)
+
+    return lax.scan(body, carry, k_inputs)
+
+
+def _blockwise_forward(tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts):
+    """Output blocks `[nq, B, H, bq, Dv]` and log-normalizers `[nq, B, H, bq]`."""
+    terms = _bind_terms(tiling, content_bias, consts)
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg)
+    anchor = _anchor(q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts)
+
+    def one_query_block(q_inputs):
+        state, _ = _scan_key_blocks(
+            tiling,
+            lambda state, block: (accumulate(state, block, terms), None),
+            init_softmax(q_inputs[1], v.shape[-1], anchor),
+            q_inputs,
+            k_inputs,
+            mask,
+        )
+        return finalize(state), log_normalizer(state)
+
+    return lax.map(one_query_block, _query_inputs(tiling, q, q_pos, q_seg))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise_attention(tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts):
+    """Online-softmax attention over (query block, key block) pairs; see the module doc.
+
+    Every array it reads is an argument (q, k, v `[B, H, L, D]` padded to whole blocks,
+    positions and segment ids `[B or 1, L]`, the mask, the hoisted constants of the
+    positional terms), so it composes with jit at any depth, checkpoint, scan and vmap.
+    Returns `[B, H, Lq_padded, Dv]` float32.
+    """
+    out, _ = _blockwise_forward(
+        tiling, q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts
+    )
+    return _merge_blocks(out, 2)
+
+
+def _blockwise_attention_fwd(tiling, *args):
+    out, log_normalizer = _blockwise_forward(tiling, *args)
+    return _merge_blocks(out, 2), (args, out, log_normalizer)
+
+
+def _blockwise_attention_bwd(tiling, residuals, d_out):
+    """FlashAttention's backward pass: recompute each block's weights from the stored
+    log-normalizer and get every gradient (q, k, v, content bias, constants of the
+    positional terms) from `jax.vjp` of the same per-block functions as the forward."""
+    args, out, log_normalizer = residuals
+    q, k, v, content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts = args
+    d_out = _split_blocks(d_out, 2, tiling.q_block)  # [nq, B, H, bq, Dv]
+    # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
+    d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg)
+    k_blocks, v_blocks = k_inputs[1], k_inputs[2]
+    anchor = _anchor(args, d_out)
+
+    def one_query_block(grads, inputs):
+        *q_inputs, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
+
+        def step(grads, block):
+            dq_i, d_content_bias, d_consts = grads
+
+            def logits_of(q_i, k_j, content_bias, consts):
+                terms = _bind_terms(tiling, content_bias, consts)
+                return masked_logits(block._replace(q=q_i, k=k_j), terms)
+
+            def values_of(weights, v_j, consts):
+                terms = _bind_terms(tiling, content_bias, consts)
+                return weighted_values(weights, block._replace(v=v_j), terms)
+
+            logits, logits_vjp = jax.vjp(logits_of, block.q, block.k, content_bias, consts)
+            weights = jnp.exp(logits - log_normalizer_i[..., None])
+            _, values_vjp = jax.vjp(values_of, weights, block.v, consts)
+            d_weights, dv_j, d_consts_values = values_vjp(d_out_i)
+            d_logits = weights * (d_weights - d_out_dot_out_i[..., None])
+            dq_ij, dk_j, d_content_bias_j, d_consts_logits = logits_vjp(d_logits)
+            grads = (
+                dq_i + dq_ij.astype(_F32),
+                _add_float32(d_content_bias, d_content_bias_j),
+                _add_float32(_add_float32(d_consts, d_consts_logits), d_consts_values),
+            )
+            return grads, (dk_j.astype(_F32), dv_j.astype(_F32))
+
+        dk, dv, d_content_bias, d_consts = grads
+        zeros = (_float32_zeros(k_blocks[0], anchor), _float32_zeros(v_blocks[0], anchor))
+        (dq_i, d_content_bias, d_consts), (dk_i, dv_i) = _scan_key_blocks(
+            tiling,
+            step,
+            (_float32_zeros(q_inputs[1], anchor), d_content_bias, d_consts),
+            q_inputs,
+            k_inputs,
+            mask,
+            zeros,
+        )
+        return (dk + dk_i, dv + dv_i, d_content_bias, d_consts), dq_i
+
+    initial = _float32_zeros((k_blocks, v_blocks, content_bias, consts), anchor)
+    inputs = (*_query_inputs(tiling, q, q_pos, q_seg), d_out, log_normalizer, d_out_dot_out)
+    (dk, dv, d_content_bias, d_consts), dq = lax.scan(one_query_block, initial, inputs)
+    grads = (_merge_blocks(dq, 2), _merge_blocks(dk, 2), _merge_blocks(dv, 2), d_content_bias)
+    q_grad, k_grad, v_grad, bias_grad = jax.tree.map(_cotangent, grads, (q, k, v, content_bias))
+    const_grads = jax.tree.map(_cotangent, d_consts, consts)
+    # Positions, segment ids and the mask are integer or boolean: zero cotangents.
+    return q_grad, k_grad, v_grad, bias_grad, None, None, None, None, None, const_grads
+
+
+_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
+
+
+def blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms: Terms, block_size):
+    """Pads to whole blocks, hoists the positional terms and runs `_blockwise_attention`."""
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    q_block, k_block = min(block_size[0], q_len), min(block_size[1], k_len)
+    q_pad, k_pad = -(-q_len // q_block) * q_block, -(-k_len // k_block) * k_block
+    # Padded queries are dropped at the end; padded keys are masked out (`k_len`).
+    # Positions and segment ids are padded with their last value, so per-block bounds
+    # are bounds of real tokens.
+    q_pos, q_seg = (_pad_axis(x, 1, q_pad, "edge") for x in (q_pos, q_seg))
+    k_pos, k_seg = (_pad_axis(x, 1, k_pad, "edge") for x in (k_pos, k_seg))
+    q = _pad_axis(q, 2, q_pad, "edge")
+    k, v = (_pad_axis(x, 2, k_pad, "edge") for x in (k, v))
+    mask = _pad_axis(_pad_axis(mask, 2, q_pad, "false"), 3, k_pad, "false")
+
+    relative = terms.relative_terms or RelativeTerms()
+    q_pos_block = jnp.zeros((q_pos.shape[0], q_block), jnp.int32)
+    k_pos_block = jnp.zeros((k_pos.shape[0], k_block), jnp.int32)
+    functions, consts = zip(
+        _hoist(terms.bias_fn, q_pos_block, k_pos_block),
+        _hoist(
+            relative.query_bias_fn,
+            jnp.zeros((batch, q_block, heads, dim), q.dtype),  # the protocol's [B, bq, H, D]
+            q_pos_block,
+            k_pos_block,
+        ),
+        _hoist(
+            relative.value_fn,
+            jnp.zeros((batch, heads, q_block, k_block), _F32),
+            q_pos_block,
+            k_pos_block,
+        ),
+        strict=True,
+    )
+    tiling = _Tiling(terms.scale, terms.causal, q_block, k_block, k_len, *functions)
+    out = _blockwise_attention(
+        tiling, q, k, v, relative.content_bias, q_pos, k_pos, q_seg, k_seg, mask, consts
+    )
+    return out[:, :, :q_len]

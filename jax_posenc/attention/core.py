@@ -1,0 +1,301 @@
+"""Dot-product attention with positional terms evaluated one block at a time.
+
+Two implementations share every formula (`_block.py`):
+
+* `implementation="xla"` evaluates the whole `[B, H, Lq, Lk]` logit matrix at once
+  (the reference, and the fastest choice for short sequences).
+* `implementation="blockwise"` (`_blockwise.py`) walks over query blocks and, for each,
+  over key blocks, keeping a running maximum, a running sum and an unnormalised output
+  per query (the online softmax of Milakov & Gimelshein 2018, used by Rabe & Staats
+  2021 and FlashAttention). Positional terms (`bias_fn`, `RelativeTerms`) are called
+  for the block in hand only, so no `Lq x Lk` array ever exists. Its gradient is a
+  custom VJP (FlashAttention's backward pass): it stores the output and one
+  log-normalizer per query and recomputes each block, so the memory of forward and
+  backward grows linearly with the sequence length. Being a custom VJP, it supports
+  reverse-mode differentiation (`jax.grad`, `jax.vjp`) but not forward mode (`jax.jvp`).
+
+Logits are `scale * (q + u) . k + bias_fn(q_pos, k_pos) + query_bias_fn(scale * q, ...)`
+(u: the optional content bias of `RelativeTerms`); the softmax runs in float32 and the
+output keeps the query's dtype. A query that may attend to nothing (fully masked row)
+returns zeros, with zero gradients, in both implementations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_posenc import _checks
+from jax_posenc._protocols import BiasFn, RelativeTerms
+from jax_posenc.attention._block import (
+    Block,
+    Terms,
+    accumulate,
+    finalize,
+    heads_first,
+    init_softmax,
+)
+from jax_posenc.attention._blockwise import blockwise
+
+IMPLEMENTATIONS = ("xla", "blockwise")
+# Blockwise (q_block, k_block) when none is given: small blocks stay in the CPU caches
+# ((256, 128) was among the fastest on a 2-core CPU at L = 2k, forward and backward),
+# larger ones amortise the per-iteration launch cost of the loops on accelerators.
+CPU_BLOCK_SIZE = (256, 128)
+ACCELERATOR_BLOCK_SIZE = (512, 512)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def check_attention_inputs(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_floating_array(name, x)
+        _checks.check_rank(name, x, 4)
+    batch, _, heads, dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(
+            f"q, k and v must share the batch size, got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must have the same [B, Lk, Hkv] dimensions, got k {k.shape}, v {v.shape}"
+        )
+    if k.shape[3] != dim:
+        raise ValueError(f"q and k must have the same head_dim, got q {q.shape}, k {k.shape}")
+    if heads % k.shape[2]:
+        raise ValueError(
+            f"the number of query heads ({heads}) must be a multiple of the number of "
+            f"key/value heads ({k.shape[2]}) for grouped-query attention"
+        )
+
+
+def batched_ids(name: str, value, length: int, batch: int) -> jax.Array:
+    """Integer `[L]` or `[B, L]` ids/positions as int32 `[B or 1, L]` (values must fit int32)."""
+    value = _checks.check_positions(name, value)
+    _checks.check_rank(name, value, (1, 2))
+    value = jnp.atleast_2d(value)
+    if value.shape[-1] != length or value.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must have shape [{length}] or [{batch} or 1, {length}], "
+            f"got {tuple(value.shape)}"
+        )
+    return value.astype(jnp.int32)
+
+
+def mask_as_rank4(mask, target: tuple[int, int, int, int]) -> jax.Array:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+    if mask.ndim > 4:
+        raise ValueError(f"mask must have rank <= 4, got shape {mask.shape}")
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if any(s not in (1, t) for s, t in zip(mask.shape, target, strict=True)):
+        raise ValueError(
+            f"mask must be broadcastable to [B, H, Lq, Lk] = {list(target)}, got {mask.shape}"
+        )
+    return mask
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the segment id changes along the sequence.
+
+    Args:
+      segment_ids: integer `[..., L]` document ids of packed sequences.
+
+    Returns:
+      int32 `[..., L]`: the offset of each token from the start of its run of equal ids,
+      e.g. `[7, 7, 7, 2, 2, 9] -> [0, 1, 2, 0, 1, 0]`.
+    """
+    segment_ids = _checks.check_integer_array("segment_ids", segment_ids)
+    length = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    first = jnp.ones((*segment_ids.shape[:-1], 1), bool)
+    starts = jnp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return index - lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
+# ------------------------------------------------------------------ public function
+
+
+def block_sizes(block_size) -> tuple[int, int]:
+    if block_size is None:
+        return CPU_BLOCK_SIZE if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_SIZE
+    if isinstance(block_size, tuple | list):
+        if len(block_size) != 2:
+            raise ValueError(
+                f"block_size must be an int or a pair (q_block, k_block), got {block_size!r}"
+            )
+        return (
+            _checks.check_positive_int("block_size[0]", block_size[0]),
+            _checks.check_positive_int("block_size[1]", block_size[1]),
+        )
+    size = _checks.check_positive_int("block_size", block_size)
+    return size, size
+
+
+def resolve_segments(segment_ids, q_len: int, k_len: int, batch: int):
+    """(q_segment_ids, k_segment_ids, restart_positions) from one array or a pair."""
+    if segment_ids is None:
+        return None, None, False
+    if isinstance(segment_ids, tuple | list):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be one array or a pair (q_ids, k_ids)")
+        return (
+            batched_ids("segment_ids[0]", segment_ids[0], q_len, batch),
+            batched_ids("segment_ids[1]", segment_ids[1], k_len, batch),
+            False,
+        )
+    if q_len != k_len:
+        raise ValueError(
+            f"segment_ids as one array needs Lq == Lk, got Lq={q_len}, Lk={k_len}; "
+            "pass a pair (q_segment_ids, k_segment_ids)"
+        )
+    ids = batched_ids("segment_ids", segment_ids, q_len, batch)
+    return ids, ids, True
+
+
+def resolve_positions(q_positions, k_positions, lengths, batch, restart_from, *, needed):
+    """int32 `[B or 1, L]` query and key positions, with the documented defaults.
+
+    Defaults are `arange(L)`, or positions restarting per segment when `restart_from`
+    holds (q, k) segment ids. A missing `q_positions` with `Lq != Lk` raises when
+    `needed`, since no default can know where the queries sit.
+    """
+    q_len, k_len = lengths
+    if q_positions is None and q_len != k_len and needed:
+        raise ValueError(
+            f"q_positions must be given when Lq ({q_len}) != Lk ({k_len}) and attention "
+            "depends on positions (causal or a positional term); e.g. for decoding after "
+            "a cache of n tokens, q_positions = n + arange(Lq)"
+        )
+    defaults = [jnp.arange(q_len), jnp.arange(k_len)]
+    if restart_from is not None:
+        defaults = [segment_positions(ids) for ids in restart_from]
+    q_positions = defaults[0] if q_positions is None else q_positions
+    k_positions = defaults[1] if k_positions is None else k_positions
+    return (
+        batched_ids("q_positions", q_positions, q_len, batch),
+        batched_ids("k_positions", k_positions, k_len, batch),
+    )
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias_fn: BiasFn | None = None,
+    relative_terms: RelativeTerms | None = None,
+    q_positions: jax.Array | None = None,
+    k_positions: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    implementation: str = "xla",
+    block_size: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention whose positional terms are functions of positions.
+
+    `logits[b, h, i, j] = scale * (q[b, i, h] + u[h]) . k[b, j, h // G]
+    + bias_fn(q_pos, k_pos)[b, h, i, j] + query_bias_fn(scale * q, q_pos, k_pos)[b, h, i, j]`
+    where `G = H / Hkv` (grouped-query attention; `Hkv = H` is ordinary multi-head
+    attention) and u is `relative_terms.content_bias` (zero when None). Positions where
+    attention is not allowed are dropped from the softmax, and
+    `out[b, i, h] = sum_j softmax_j(logits) v[b, j, h // G] + value_fn(softmax, ...)`.
+    A query with no allowed key gets a zero output (and zero gradients), never NaN.
+
+    Attention is allowed from query i to key j where all of these hold:
+      * `mask[b, h, i, j]` (when given);
+      * `causal`: `q_pos[i] >= k_pos[j]`, decided from positions, so queries that sit
+        after a KV cache (q positions offset by the cache length) see the whole cache;
+      * `segment_ids`: `q_segment[i] == k_segment[j]` (packed sequences).
+
+    Positions: integer `[L]` or `[B, L]`. When omitted they are `arange(L)`, except that
+    with `segment_ids` given as one `[B, L]` array they restart at 0 at every segment
+    start (`segment_positions`), so each packed document sees the positions it would
+    see alone. When `Lq != Lk` and positions matter (causal or a positional term),
+    `q_positions` must be given: a default would silently misplace the queries.
+
+    Memory: `xla` holds `[B, H, Lq, Lk]` logits. `blockwise` holds one
+    `[B, H, bq, bk]` block at a time, forward and backward (a custom VJP recomputes
+    the blocks), so its memory is linear in the sequence length, provided the masking
+    itself is O(L): use `causal`, `segment_ids` and positions for that. A full `mask`
+    is accepted (and sliced per block) but is an `Lq x Lk` array by itself.
+    With `causal` or `segment_ids`, blockwise skips a (query block, key block) pair,
+    without computing it, when it is provably empty: causal and the largest query
+    position of the block is below the smallest key position of the other (over the
+    batch), or the ranges of segment ids of the two blocks do not overlap. The rule
+    holds for any positions; with `arange` positions it drops exactly the blocks above
+    the diagonal, about half the work of causal attention.
+
+    Args:
+      q: queries `[B, Lq, H, D]`.
+      k: keys `[B, Lk, Hkv, D]`, `H % Hkv == 0`.
+      v: values `[B, Lk, Hkv, Dv]`.
+      bias_fn: `bias_fn(q_positions [B or 1, bq], k_positions [B or 1, bk])
+        -> [B or 1, H or 1, bq, bk]` additive logit bias (ALiBi, T5, KERPLE, FIRE, ...).
+      relative_terms: content-dependent terms, see `jax_posenc.RelativeTerms`; its
+        `value_fn` must be linear in the weights and act on each query row separately.
+      q_positions: integer `[Lq]` or `[B, Lq]`.
+      k_positions: integer `[Lk]` or `[B, Lk]`.
+      mask: boolean, broadcastable to `[B, H, Lq, Lk]`; True where attention is allowed.
+      causal: whether query i may only attend to keys with `k_pos <= q_pos`.
+      segment_ids: integer `[B, L]` (self-attention, `Lq == Lk`) or a pair
+        `(q_segment_ids [B, Lq], k_segment_ids [B, Lk])`.
+      implementation: "xla" or "blockwise".
+      block_size: blockwise only; an int or a pair `(q_block, k_block)`, clipped to the
+        sequence lengths; lengths that are not multiples are padded internally. None:
+        `CPU_BLOCK_SIZE` on CPU, `ACCELERATOR_BLOCK_SIZE` on GPU/TPU.
+      scale: logit scale; `1 / sqrt(D)` when None.
+
+    Returns:
+      `[B, Lq, H, Dv]` in the dtype of `q`.
+    """
+    check_attention_inputs(q, k, v)
+    _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
+    blocks = block_sizes(block_size)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if bias_fn is not None and not callable(bias_fn):
+        raise TypeError(f"bias_fn must be callable, got {bias_fn!r}")
+    if relative_terms is not None and not isinstance(relative_terms, RelativeTerms):
+        raise TypeError(f"relative_terms must be a RelativeTerms, got {relative_terms!r}")
+    batch, q_len, heads, dim = q.shape
+    k_len = k.shape[1]
+    content_bias = None if relative_terms is None else relative_terms.content_bias
+    if content_bias is not None and jnp.shape(content_bias) != (heads, dim):
+        raise ValueError(
+            f"relative_terms.content_bias must have shape [H, D] = [{heads}, {dim}], "
+            f"got {list(jnp.shape(relative_terms.content_bias))}"
+        )
+    scale = 1.0 / math.sqrt(dim) if scale is None else _checks.check_positive_float("scale", scale)
+
+    q_seg, k_seg, restart = resolve_segments(segment_ids, q_len, k_len, batch)
+    q_pos, k_pos = resolve_positions(
+        q_positions,
+        k_positions,
+        (q_len, k_len),
+        batch,
+        (q_seg, k_seg) if restart else None,
+        needed=causal or bias_fn is not None or relative_terms is not None,
+    )
+    if mask is not None:
+        mask = mask_as_rank4(mask, (batch, heads, q_len, k_len))
+
+    if 0 in (batch, q_len, k_len):
+        # Nothing to attend to (or nobody asking): empty output, or the zeros of rows
+        # that may attend to no key, as for any fully masked row.
+        return jnp.zeros((batch, q_len, heads, v.shape[-1]), q.dtype)
+    terms = Terms(scale, causal, bias_fn, relative_terms)
+    q, k, v = (heads_first(x) for x in (q, k, v))
+    if implementation == "xla":
+        block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None)
+        out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
+    else:
+        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks)
+    return heads_first(out).astype(q.dtype)
