@@ -4,7 +4,13 @@ The public API is re-exported here; import from `jax_posenc`, never from submodu
 NNX modules live in the `jax_posenc.nnx` namespace.
 """
 
-from jax_posenc._protocols import BiasFn, RelativeTerms
+from jax_posenc._protocols import (
+    BiasFn,
+    PositionalTerms,
+    QkTransform,
+    RelativeTerms,
+    combine,
+)
 from jax_posenc.absolute import (
     LearnedEmbedding,
     SinusoidalEmbedding,
@@ -93,6 +99,8 @@ __all__ = [
     "Llama3Scaling",
     "LongRopeScaling",
     "NTKScaling",
+    "PositionalTerms",
+    "QkTransform",
     "RelativePositionEmbedding",
     "RelativeTerms",
     "RotaryEmbedding",
@@ -112,6 +120,7 @@ __all__ = [
     "available_encodings",
     "cached_attention",
     "clipped_relative_index",
+    "combine",
     "dot_product_attention",
     "dynamic_position_bias",
     "fire_bias",

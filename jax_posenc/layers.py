@@ -31,18 +31,12 @@ from jax_posenc.attention.core import (
 )
 
 
-def _evaluate(module: nn.Module, method: Callable, *args):
-    """`method(module, *args)`, binding a module made outside any parent to no variables."""
-    if module.scope is not None:
-        return method(module, *args)
-    try:
-        return method(module.bind({}), *args)
-    except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError) as error:
-        raise ValueError(
-            f"{type(module).__name__} has learned parameters, so the attention_fn must run "
-            "inside a linen module (e.g. as MultiHeadDotProductAttention(attention_fn=...)), "
-            "where they are created and trained with it"
-        ) from error
+def _bound(module: nn.Module) -> nn.Module:
+    """The module itself inside a linen parent; outside any, bound to no variables."""
+    return module if module.scope is not None else module.bind({})
+
+
+_NO_PARAMETERS = (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError)
 
 
 def _flax_mask(mask) -> jax.Array:
@@ -232,29 +226,25 @@ def make_attention_fn(
             (q_seg, k_seg) if restart else None,
             needed=is_causal or any(part.contributes for part in parts),
         )
-        bias_fns, relative_terms = [], []
-        for part in parts:
-            if part.qk_transform is not None:
-                query, key = _evaluate(
-                    part.qk_transform(part_spec),
-                    lambda m, *args: m(*args),
-                    query,
-                    key,
-                    q_pos,
-                    k_pos,
-                )
-            if part.logit_bias is not None:
-                bias_fns.append(_evaluate(part.logit_bias(part_spec), lambda m: m.bias_fn()))
-            if part.relative_terms is not None:
-                relative_terms.append(
-                    _evaluate(part.relative_terms(part_spec), lambda m: m.terms())
-                )
+        modules = registry.attention_modules(encoding, part_spec)
+        try:
+            terms = _protocols.combine(
+                [_protocols.terms_of(role, _bound(module)) for _, role, module in modules]
+            )
+            query, key = terms.transform(query, key, q_pos, k_pos)
+        except _NO_PARAMETERS as error:
+            raise ValueError(
+                f"encoding {encoding!r} has learned parameters, so the attention_fn must run "
+                "inside a linen module (e.g. as MultiHeadDotProductAttention(attention_fn=...)), "
+                "where they are created and trained with it; in NNX use "
+                "jax_posenc.nnx.AttentionFn"
+            ) from error
         out = dot_product_attention(
             query,
             key,
             value,
-            bias_fn=_protocols.sum_of(bias_fns),
-            relative_terms=_protocols.sum_relative_terms(relative_terms),
+            bias_fn=terms.bias_fn,
+            relative_terms=terms.relative_terms,
             q_positions=q_pos,
             k_positions=k_pos,
             mask=mask,

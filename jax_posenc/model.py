@@ -36,7 +36,6 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("gelu", "swiglu")
 ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ATTENTION_ROLES = ("qk_transform", "logit_bias", "relative_terms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +176,9 @@ class SelfAttention(nn.Module):
         self.out = nn.DenseGeneral(config.d_model, axis=(-2, -1), **dense)
         spec = config.encoding_spec()
         roles = []
-        for part in registry.resolve(config.encoding):
-            for role in _ATTENTION_ROLES:
-                factory = getattr(part, role)
-                if factory is not None:
-                    setattr(self, f"{part.name}_{role}", factory(spec))
-                    roles.append((role, f"{part.name}_{role}"))
+        for part_name, role, module in registry.attention_modules(config.encoding, spec):
+            setattr(self, f"{part_name}_{role}", module)
+            roles.append((role, f"{part_name}_{role}"))
         self.positional_roles = tuple(roles)
 
     def __call__(
@@ -190,21 +186,16 @@ class SelfAttention(nn.Module):
     ) -> jax.Array:
         """`x` `[B, S, d_model]`, `positions` `[B or 1, S]` -> `[B, S, d_model]`."""
         q, k, v = self.query(x), self.key(x), self.value(x)
-        bias_fns, relative_terms = [], []
-        for role, name in self.positional_roles:
-            module = getattr(self, name)
-            if role == "qk_transform":
-                q, k = module(q, k, positions, positions)
-            elif role == "logit_bias":
-                bias_fns.append(module.bias_fn())
-            else:
-                relative_terms.append(module.terms())
+        terms = _protocols.combine(
+            [_protocols.terms_of(role, getattr(self, name)) for role, name in self.positional_roles]
+        )
+        q, k = terms.transform(q, k, positions, positions)
         out = dot_product_attention(
             q,
             k,
             v,
-            bias_fn=_protocols.sum_of(bias_fns),
-            relative_terms=_protocols.sum_relative_terms(relative_terms),
+            bias_fn=terms.bias_fn,
+            relative_terms=terms.relative_terms,
             q_positions=positions,
             k_positions=positions,
             causal=True,

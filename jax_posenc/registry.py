@@ -29,7 +29,7 @@ import flax.linen as nn
 import numpy as np
 from flax.core import FrozenDict
 
-from jax_posenc import _checks, absolute, bias, relative, rope, rope_scaling
+from jax_posenc import _checks, _protocols, absolute, bias, relative, rope, rope_scaling
 
 
 def freeze(value: Any) -> Any:
@@ -151,6 +151,22 @@ def register(encoding: Encoding) -> Encoding:
         raise ValueError(f"encoding {encoding.name!r} is already registered")
     _REGISTRY[encoding.name] = encoding
     return encoding
+
+
+def attention_modules(encoding: str, spec: EncodingSpec) -> list[tuple[str, str, nn.Module]]:
+    """`(part name, role, module)` for every attention role of every part of `encoding`.
+
+    Roles are those of `jax_posenc._protocols.ROLES`, in the order of the parts; what a
+    module contributes in its role is `_protocols.terms_of(role, module)`. Input
+    embeddings are not attention terms and are left out.
+    """
+    modules = []
+    for part in resolve(encoding):
+        for role in _protocols.ROLES:
+            factory = getattr(part, role)
+            if factory is not None:
+                modules.append((part.name, role, factory(spec)))
+    return modules
 
 
 def available_encodings() -> tuple[str, ...]:
