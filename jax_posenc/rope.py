@@ -31,6 +31,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -244,12 +245,8 @@ def _split_axis(shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
-    """Rotates the first `2n` features of `x` `[B, S, H, D]` by cos/sin `[B|1, S, H|1, n]`.
-
-    The arithmetic runs in float32 (float64 for float64 inputs) with one cast back to
-    `x.dtype`; the features past `2n` pass through unchanged (float32 holds every
-    bfloat16/float16 value exactly).
+def _rotation(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
+    """The forward pass of `_rotate`.
 
     The work is split in two halves along the sequence (else batch, else heads) and
     joined with a concatenation on that axis. The join costs nothing, but it makes
@@ -275,6 +272,42 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Ar
             halves.append(_rotate_pairs(values[index], *tables, layout))
         out = jnp.concatenate(halves, axis=axis)
     return out.astype(x.dtype).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
+    """Rotates the first `2n` features of `x` `[B, S, H, D]` by cos/sin `[B|1, S, H|1, n]`.
+
+    The arithmetic runs in float32 (float64 for float64 inputs) with one cast back to
+    `x.dtype`; the features past `2n` pass through unchanged (float32 holds every
+    bfloat16/float16 value exactly). The gradient for `x` is the rotation back (the
+    transpose of a rotation, scaled by the attention factor, is the rotation by `-angle`
+    with the same factor), one vectorised pass like the forward; autodiff's transpose
+    of the forward takes 1.1-2.7x the time of a copy on CPU instead.
+    """
+    return _rotation(x, cos, sin, layout)
+
+
+def _rotate_forward(x, cos, sin, layout: str):
+    # `symbolic_zeros`: keep `x` for the tables' gradient only when they need one
+    # (learned frequencies), so layers that never train them save no extra activation.
+    tables_perturbed = cos.perturbed or sin.perturbed
+    x, cos, sin = x.value, cos.value, sin.value
+    return _rotation(x, cos, sin, layout), (cos, sin, x if tables_perturbed else None)
+
+
+def _rotate_backward(layout: str, residuals, cotangent):
+    cos, sin, x = residuals
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    x_cotangent = _rotation(cotangent, cos, -sin, layout)
+    if x is None:
+        return x_cotangent, None, None
+    _, table_vjp = jax.vjp(lambda cos, sin: _rotation(x, cos, sin, layout), cos, sin)
+    return (x_cotangent, *table_vjp(cotangent))
+
+
+_rotate.defvjp(_rotate_forward, _rotate_backward, symbolic_zeros=True)
 
 
 def _inv_freq_rotary_dim(inv_freq, rotary_dim: int | None, x: jax.Array) -> int:

@@ -134,6 +134,37 @@ class RopeVariantsTest(parameterized.TestCase):
         np.testing.assert_allclose(grad, np.asarray(numeric).reshape(x.shape), atol=2e-3)
 
     @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*LAYOUTS)
+    def test_gradients_for_inputs_and_learned_frequencies_match_the_textbook_formula(self, layout):
+        x = _normal((2, 6, 3, 16))
+        weights = _normal((2, 6, 3, 16), seed=1)
+        positions = np.arange(6) * 3 + 1
+        inv_freq = jnp.asarray(pe.rope_frequencies(12)[0], jnp.float32)  # rotates 12 of 16
+
+        def textbook(x, inv_freq):
+            angles = positions[:, None] * inv_freq
+            cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+            if layout == "half":
+                a, b = x[..., :6], x[..., 6:12]
+                rotated = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+            else:
+                a, b = x[..., 0:12:2], x[..., 1:12:2]
+                rotated = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1)
+                rotated = rotated.reshape(*x.shape[:-1], 12)
+            return jnp.concatenate([rotated, x[..., 12:]], axis=-1)
+
+        def library(x, inv_freq):
+            return pe.apply_rope(x, positions, inv_freq=inv_freq, layout=layout)
+
+        def gradients(rope):
+            loss = lambda x, inv_freq: jnp.sum(rope(x, inv_freq) * weights)  # noqa: E731
+            return self.variant(jax.grad(loss, argnums=(0, 1)))(x, inv_freq)
+
+        got, want = gradients(library), gradients(textbook)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_vmap_over_batch_equals_batched_call(self):
         x = _normal((3, 10, 2, 8))
         positions = np.arange(30, dtype=np.int32).reshape(3, 10) * 7
