@@ -94,8 +94,9 @@ GROUPS = {
         "implementation='blockwise')` with the ALiBi or causal T5 (32 buckets, max "
         "distance 128) `bias_fn`, or without one (`causal`), and `apply_rope_qk` (`rope`, "
         "q and k `[1, L, H, D]`). `÷ flex`: compiled FlexAttention with a causal block mask "
-        "and the term as `score_mod`; `÷ sdpa+bias`: SDPA with the ALiBi bias and the "
-        f"causal mask materialized once as `[1, H, L, L]` (L <= {SDPA_BIAS_MAX_LENGTH}); "
+        "and the term as `score_mod` (forward only: FlexAttention has no backward on the "
+        "CPU); `÷ sdpa+bias`: SDPA with the ALiBi or T5 bias and the causal mask "
+        f"materialized once as `[1, H, L, L]` (L <= {SDPA_BIAS_MAX_LENGTH}); "
         "`÷ sdpa`: SDPA's causal path; `÷ hf` / `÷ hf compiled`: Hugging Face's RoPE "
         "formula (cos/sin per call, `rotate_half`), eager and `torch.compile`d. Ratios "
         "below 1 mean the library is faster. The torch rows' compile time is their first "
@@ -535,25 +536,31 @@ def _torch_attention_cases(pass_name: str, head_dim: int, length: int) -> list[C
         )
         return _blockwise_with(bias_fn)(q, k, v)
 
-    alibi_refs = [baseline("alibi", "flex", lambda b: [b.flex(length, b.alibi_score_mod(slopes))])]
-    if length <= SDPA_BIAS_MAX_LENGTH:
-        bias = baseline(
-            "alibi", "sdpa+bias", lambda b: [b.sdpa_with_bias(b.alibi_causal_bias(slopes, length))]
-        )
-        alibi_refs.append(bias)
+    def references(term, score_mod, causal_bias):
+        """FlexAttention (forward only: it has no CPU backward) and SDPA + bias."""
+        refs = []
+        if not backward:
+            refs.append(baseline(term, "flex", lambda b: [b.flex(length, score_mod(b))]))
+        if length <= SDPA_BIAS_MAX_LENGTH:
+            refs.append(baseline(term, "sdpa+bias", lambda b: [b.sdpa_with_bias(causal_bias(b))]))
+        return refs
+
+    alibi_refs = references(
+        "alibi",
+        lambda b: b.alibi_score_mod(slopes),
+        lambda b: b.alibi_causal_bias(slopes, length),
+    )
+    t5_refs = references(
+        "t5",
+        lambda b: b.t5_score_mod(table, buckets),
+        lambda b: b.t5_causal_bias(table, buckets, length),
+    )
+    sdpa = [baseline("causal", "sdpa", lambda b: [b.sdpa_causal])]
+    alibi = _blockwise_with(functools.partial(pe.alibi_bias, slopes=slopes))
     return [
-        library(
-            "alibi", _blockwise_with(functools.partial(pe.alibi_bias, slopes=slopes)), alibi_refs
-        ),
-        library(
-            "t5",
-            t5,
-            [baseline("t5", "flex", lambda b: [b.flex(length, b.t5_score_mod(table, buckets))])],
-            table=table,
-        ),
-        library(
-            "causal", _blockwise_attention, [baseline("causal", "sdpa", lambda b: [b.sdpa_causal])]
-        ),
+        library("alibi", alibi, alibi_refs),
+        library("t5", t5, t5_refs, table=table),
+        library("causal", _blockwise_attention, sdpa),
     ]
 
 

@@ -6,7 +6,7 @@ These are the forms a PyTorch user reaches for, each at its best on the CPU:
   with a causal block mask and the positional term as a `score_mod`: ALiBi
   (`score - slope[h] * |i - j|`) or a learned T5 bucket bias (`score + table[h,
   bucket(i - j)]`);
-* scaled dot-product attention (SDPA) with the ALiBi bias and the causal mask
+* scaled dot-product attention (SDPA) with the ALiBi or T5 bias and the causal mask
   materialized as one `[1, H, L, L]` additive tensor, built once (as a cached mask
   would be), and SDPA's own causal path without a bias;
 * RoPE with Hugging Face's formula: `cos`/`sin` of `positions * inv_freq` duplicated to
@@ -44,7 +44,7 @@ def heads_first(array: np.ndarray, requires_grad: bool = False) -> torch.Tensor:
     return tensor.requires_grad_(requires_grad)
 
 
-def _causal(batch, head, q_index, kv_index):
+def _causal_mask(batch, head, q_index, kv_index):
     return q_index >= kv_index
 
 
@@ -78,7 +78,7 @@ def t5_score_mod(table: np.ndarray, bucket_of_distance: np.ndarray) -> Callable:
 
 def flex(length: int, score_mod: Callable) -> Callable:
     """Compiled causal FlexAttention of `[1, H, length, D]` q, k, v with `score_mod`."""
-    block_mask = create_block_mask(_causal, None, None, length, length, device="cpu")
+    block_mask = create_block_mask(_causal_mask, None, None, length, length, device="cpu")
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def attend(q, k, v):
@@ -87,12 +87,29 @@ def flex(length: int, score_mod: Callable) -> Callable:
     return attend
 
 
+def _distances(length: int) -> torch.Tensor:
+    """`[L, L]` int64 `i - j` (query minus key)."""
+    index = torch.arange(length)
+    return index[:, None] - index[None, :]
+
+
+def _causal_bias(bias: torch.Tensor) -> torch.Tensor:
+    """`[H, L, L]` bias -> `[1, H, L, L]` with `-inf` for keys after the query."""
+    return bias.masked_fill(_distances(bias.shape[-1]) < 0, float("-inf"))[None]
+
+
 def alibi_causal_bias(slopes: np.ndarray, length: int) -> torch.Tensor:
     """`[1, H, L, L]` float32: `-slope * |i - j|` where `j <= i`, `-inf` after the query."""
-    index = torch.arange(length)
-    distance = (index[:, None] - index[None, :]).float()
-    bias = -torch.tensor(slopes, dtype=torch.float32)[:, None, None] * distance.abs()
-    return bias.masked_fill(index[None, :] > index[:, None], float("-inf"))[None]
+    distance = _distances(length).abs().float()
+    return _causal_bias(-torch.tensor(slopes, dtype=torch.float32)[:, None, None] * distance)
+
+
+def t5_causal_bias(table: np.ndarray, bucket_of_distance: np.ndarray, length: int):
+    """`[1, H, L, L]` float32: `table[bucket(i - j), h]` where `j <= i`, `-inf` after."""
+    buckets = torch.tensor(bucket_of_distance, dtype=torch.int64)
+    distance = _distances(length).clamp(0, len(bucket_of_distance) - 1)
+    bias = torch.tensor(table, dtype=torch.float32)[buckets[distance]]  # [L, L, H]
+    return _causal_bias(bias.permute(2, 0, 1))
 
 
 def sdpa_with_bias(bias: torch.Tensor) -> Callable:

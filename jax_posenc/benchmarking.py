@@ -407,12 +407,20 @@ def measure(case: Case, settings: Settings, *, peak: float | None = None) -> dic
     throughput, and under "references" the same for each reference plus the paired
     ratio `case / reference`. A function whose compiled program needs more than the
     memory budget (`Settings.memory_budget_bytes`) is compiled and reported but not run
-    (`skipped`); the others are still timed. An exception becomes an `error` entry.
+    (`skipped`); the others are still timed. An exception becomes an `error` entry: of
+    the whole record when the case itself fails, else of the one reference that failed
+    to prepare (e.g. a baseline without a backward pass), the others still timed.
     """
     try:  # a broken case is reported and must not end the run
-        prepared = [_prepare(case)] + [_prepare(ref) for _, ref in case.references]
+        prepared = [_prepare(case)]
     except Exception as error:
-        return {**_identity(case), "error": f"{type(error).__name__}: {error}", "references": {}}
+        return {**_identity(case), "error": _error_text(error), "references": {}}
+    failed = {}
+    for label, ref_case in case.references:
+        try:
+            prepared.append(_prepare(ref_case))
+        except Exception as error:
+            failed[label] = _error_text(error)
     budget = _memory_budget(settings)
     for function in prepared:
         if budget and function.memory and function.memory["total_bytes"] > budget:
@@ -431,12 +439,21 @@ def measure(case: Case, settings: Settings, *, peak: float | None = None) -> dic
     if error:
         record["error"] = error
     record["references"] = {}
-    for (label, ref_case), ref in zip(case.references, prepared[1:], strict=True):
-        entry = {**_record(ref, peak), "listed": ref_case.listed}
-        if prepared[0].samples and ref.samples:
-            entry.update(paired_ratio(prepared[0].samples, ref.samples))
-        record["references"][label] = entry
+    timed = iter(prepared[1:])
+    for label, ref_case in case.references:
+        if label in failed:
+            entry = {**_identity(ref_case), "error": failed[label]}
+        else:
+            ref = next(timed)
+            entry = _record(ref, peak)
+            if prepared[0].samples and ref.samples:
+                entry.update(paired_ratio(prepared[0].samples, ref.samples))
+        record["references"][label] = {**entry, "listed": ref_case.listed}
     return record
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def fit_power_law(sizes: Sequence[float], values: Sequence[float]) -> dict[str, float]:

@@ -151,6 +151,17 @@ def test_broken_case_is_reported_not_raised():
     assert record["error"] == "TypeError: wrong argument"
 
 
+def test_broken_reference_is_reported_and_the_others_still_timed():
+    def broken(x):
+        raise NotImplementedError("no backward here")
+
+    refs = (("broken", _double_case(name="broken", fn=broken)), ("copy", _copy_case()))
+    record = benchmarking.measure(_double_case(references=refs), FAST)
+    assert "error" not in record and record["time"]["repeats"] == 3
+    assert record["references"]["broken"]["error"] == "NotImplementedError: no backward here"
+    assert "ratio" in record["references"]["copy"]
+
+
 def test_listed_reference_gets_its_own_row_once():
     listed = Case(name="listed", group="toy", fn=jnp.negative, make_args=_ones(), listed=True)
     cases = [_double_case(name=f"double{i}", references=(("listed", listed),)) for i in range(2)]
@@ -279,9 +290,15 @@ def test_torch_cases_pair_each_library_path_with_torch_without_importing_torch(m
     assert ("torch" in sys.modules) == imported  # building the cases never imports torch
     labels = {name: [label for label, _ in case.references] for name, case in cases.items()}
     assert labels["torch/alibi/fwd/D64/1024"] == ["flex", "sdpa+bias"]
-    assert labels["torch/t5/fwd/D128/1024"] == ["flex"]
+    assert labels["torch/t5/fwd/D128/1024"] == ["flex", "sdpa+bias"]
     assert labels["torch/causal/fwd/D64/1024"] == ["sdpa"]
     assert labels["torch/rope/fwd/D64/1024"] == ["hf", "hf compiled"]
+    # FlexAttention has no backward on the CPU; SDPA's bias is 2 GiB from L = 8k.
+    full = {
+        case.name: [label for label, _ in case.references] for case in suite.torch_cases("full")
+    }
+    assert full["torch/t5/fwd+bwd/D64/2048"] == ["sdpa+bias"]
+    assert full["torch/alibi/fwd/D128/8192"] == ["flex"]
     for case in cases.values():
         assert case.framework == "jax" and case.group == "torch"
         assert all(ref.framework == "torch" and ref.listed for _, ref in case.references)
