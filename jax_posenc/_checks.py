@@ -182,6 +182,36 @@ def saturating_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.where(overflow, saturated, difference), -INT32_MAX)
 
 
+def position_rows(
+    name: str,
+    value: object,
+    *,
+    length: int | None = None,
+    batch: int | None = None,
+    allow_float: bool = False,
+) -> jax.Array:
+    """The one position normaliser: `[S]` or `[B or 1, S]` positions as `[B or 1, S]`.
+
+    Values follow `check_positions` (int32 integers; floats only with `allow_float`).
+    With `length`, the last axis must have it; with `batch`, the first axis must be 1 or
+    `batch` (it broadcasts over the activations' batch). Every family, the attention
+    and the model read their positions through this function.
+    """
+    value = check_positions(name, value, allow_float=allow_float)
+    check_rank(name, value, (1, 2))
+    rows = value[None] if value.ndim == 1 else value
+    bad_length = length is not None and rows.shape[-1] != length
+    bad_batch = batch is not None and rows.shape[0] not in (1, batch)
+    if bad_length or bad_batch:
+        size = "S" if length is None else str(length)
+        rows_text = "B or 1" if batch is None else f"{batch} or 1"
+        raise ValueError(
+            f"{name} must have shape [{size}] or [{rows_text}, {size}], got shape "
+            f"{tuple(value.shape)}"
+        )
+    return rows
+
+
 def check_position_pair(
     q_positions: jax.Array, k_positions: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -190,12 +220,8 @@ def check_position_pair(
     Positions given as `[S]` are read as `[1, S]`; values follow `check_positions`. The
     two batch sizes must be equal, or one of them 1 (it broadcasts).
     """
-    pair = []
-    for name, value in (("q_positions", q_positions), ("k_positions", k_positions)):
-        value = check_positions(name, value)
-        check_rank(name, value, (1, 2))
-        pair.append(value[None] if value.ndim == 1 else value)
-    q_positions, k_positions = pair
+    q_positions = position_rows("q_positions", q_positions)
+    k_positions = position_rows("k_positions", k_positions)
     q_batch, k_batch = q_positions.shape[0], k_positions.shape[0]
     if q_batch != k_batch and 1 not in (q_batch, k_batch):
         raise ValueError(

@@ -58,7 +58,7 @@ def sinusoidal_encoding(
     freqs = sinusoidal_frequencies(dim, base=base)
     _checks.check_choice("layout", layout, SINUSOIDAL_LAYOUTS)
     _checks.check_choice("angle_precision", angle_precision, ANGLE_PRECISIONS)
-    positions = _checks.check_real_array("positions", positions)
+    positions = _checks.check_positions("positions", positions, allow_float=True)
     angles = rotation_angles(positions, freqs, angle_precision=angle_precision)
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     if layout == "interleaved":
@@ -94,7 +94,7 @@ def learned_embedding_lookup(table: jax.Array, positions: jax.Array, *, mode: st
     """
     _checks.check_choice("mode", mode, LOOKUP_MODES)
     _checks.check_rank("table", table, 2)
-    positions = _checks.check_integer_array("positions", positions)
+    positions = _checks.check_positions("positions", positions)
     num_positions = table.shape[0]
     if _checks.is_concrete(positions):
         _checks.check_index_range(
@@ -125,7 +125,7 @@ class SinusoidalEmbedding(nn.Module):
     def __call__(self, positions: jax.Array) -> jax.Array:
         return sinusoidal_encoding(
             positions,
-            self.features,
+            _checks.check_even_positive_int("features", self.features),
             base=self.base,
             layout=self.layout,
             dtype=self.dtype,

@@ -303,17 +303,9 @@ class Transformer(nn.Module):
                     f"max_positions={max_positions}; raise max_positions"
                 )
             return jnp.arange(length, dtype=jnp.int32)[None]
-        positions = _checks.check_positions("positions", positions)
-        _checks.check_rank("positions", positions, (1, 2))
-        if positions.shape[-1] != length or (
-            positions.ndim == 2 and positions.shape[0] not in (1, batch)
-        ):
-            raise ValueError(
-                f"positions must have shape [{length}] or [{batch} or 1, {length}] to match "
-                f"tokens, got shape {tuple(positions.shape)}"
-            )
+        positions = _checks.position_rows("positions", positions, length=length, batch=batch)
         _checks.check_index_range("positions", positions, max_positions, "max_positions")
-        return jnp.atleast_2d(positions).astype(jnp.int32)
+        return positions
 
     def __call__(
         self,

@@ -48,14 +48,10 @@ def _positions_for_batch(
     batch: int, q_positions: jax.Array, k_positions: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Validated `[B or 1, S]` positions whose batch fits an activation batch of `batch`."""
-    q_positions, k_positions = _checks.check_position_pair(q_positions, k_positions)
-    for name, value in (("q_positions", q_positions), ("k_positions", k_positions)):
-        if value.shape[0] not in (1, batch):
-            raise ValueError(
-                f"{name} must have batch size 1 or {batch} (the activations' batch), got "
-                f"shape {tuple(value.shape)}"
-            )
-    return q_positions, k_positions
+    return (
+        _checks.position_rows("q_positions", q_positions, batch=batch),
+        _checks.position_rows("k_positions", k_positions, batch=batch),
+    )
 
 
 def _head_dim_scale(q: jax.Array) -> float:

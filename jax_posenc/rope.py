@@ -138,7 +138,7 @@ def rope_cos_sin(
       `(cos, sin)`, each `[..., n]` (or `[..., H, n]` for per-head frequencies).
     """
     _checks.check_choice("angle_precision", angle_precision, ANGLE_PRECISIONS)
-    positions = _checks.check_real_array("positions", positions)
+    positions = _checks.check_positions("positions", positions, allow_float=True)
     if _checks.is_concrete(inv_freq):
         inv_freq = np.asarray(inv_freq, dtype=np.float64)
     _checks.check_rank("inv_freq", inv_freq, (1, 2))
@@ -180,22 +180,14 @@ def _check_activations(name: str, x: jax.Array) -> jax.Array:
     return x
 
 
-def _position_rows(name: str, positions: jax.Array, x_name: str, x: jax.Array) -> jax.Array:
-    """Validates `positions` `[S]` or `[B or 1, S]` against `x` `[B, S, H, D]`; returns 2-D.
+def _position_rows(name: str, positions: jax.Array, x: jax.Array) -> jax.Array:
+    """`positions` `[S]` or `[B or 1, S]` for `x` `[B, S, H, D]`, as 2-D rows.
 
-    Integer positions must fit int32 (`_checks.check_positions`); fractional positions
+    Integer positions must fit int32 (`_checks.position_rows`); fractional positions
     are accepted as floats.
     """
-    positions = _checks.check_positions(name, positions, allow_float=True)
     batch, seq = x.shape[:2]
-    rows = positions[None] if positions.ndim == 1 else positions
-    if rows.ndim != 2 or rows.shape[1] != seq or rows.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} must have shape [seq] = ({seq},) or [batch, seq] = ({batch}, {seq}) to "
-            f"match {x_name} of shape {x.shape} [batch, seq, heads, head_dim], got shape "
-            f"{positions.shape}"
-        )
-    return rows
+    return _checks.position_rows(name, positions, length=seq, batch=batch, allow_float=True)
 
 
 def _rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
@@ -412,7 +404,7 @@ def apply_rope(
     """
     x = _check_activations("x", x)
     _check_layout(layout)
-    rows = _position_rows("positions", positions, "x", x)
+    rows = _position_rows("positions", positions, x)
     if inv_freq is None:
         if attention_factor is not None:
             raise ValueError(
@@ -469,8 +461,8 @@ def apply_rope_qk(
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share head_dim, got shapes {q.shape} and {k.shape}")
     k_positions = q_positions if k_positions is None else k_positions
-    _position_rows("q_positions", q_positions, "q", q)
-    _position_rows("k_positions", k_positions, "k", k)
+    _position_rows("q_positions", q_positions, q)
+    _position_rows("k_positions", k_positions, k)
     rotary_dim, static_freq, attention_factor = _frequencies_for(
         rotary_dim, q.shape[-1], base, scaling, seq_len, [q_positions, k_positions]
     )
@@ -562,7 +554,7 @@ def apply_multi_axis_rope(
     """
     x = _check_activations("x", x)
     _check_layout(layout)
-    positions = _checks.check_real_array("positions", positions)
+    positions = _checks.check_positions("positions", positions, allow_float=True)
     _checks.check_rank("positions", positions, (2, 3))
     if isinstance(sections, str) or not isinstance(sections, Sequence):
         raise TypeError(f"sections must be a sequence of ints, got {sections!r}")
@@ -597,7 +589,7 @@ def apply_multi_axis_rope(
     bounds = np.cumsum((0, *sections))
     tables = [
         _tables(
-            _position_rows("positions[axis]", positions[axis], "x", x),
+            _position_rows("positions[axis]", positions[axis], x),
             inv_freq[bounds[axis] : bounds[axis + 1]],
             attention_factor,
             angle_precision,
@@ -683,9 +675,9 @@ def apply_xpos(
     _check_layout(layout)
     scale_base = _checks.check_positive_float("scale_base", scale_base)
     k_positions = positions if k_positions is None else k_positions
-    q_rows = _position_rows("positions", _checks.check_positions("positions", positions), "q", q)
-    k_rows = _checks.check_positions("k_positions", k_positions)
-    k_rows = _position_rows("k_positions", k_rows, "k", k)
+    # Integer positions only: the factors are computed from exact integer offsets.
+    q_rows = _checks.position_rows("positions", positions, length=q.shape[1], batch=q.shape[0])
+    k_rows = _checks.position_rows("k_positions", k_positions, length=k.shape[1], batch=k.shape[0])
     rotary_dim, inv_freq, _ = _frequencies_for(rotary_dim, q.shape[-1], base, None, None, [])
 
     if q.shape[1] == 0 or k.shape[1] == 0:

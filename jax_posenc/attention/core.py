@@ -75,15 +75,7 @@ def check_attention_inputs(q, k, v):
 
 def batched_ids(name: str, value, length: int, batch: int) -> jax.Array:
     """Integer `[L]` or `[B, L]` ids/positions as int32 `[B or 1, L]` (values must fit int32)."""
-    value = _checks.check_positions(name, value)
-    _checks.check_rank(name, value, (1, 2))
-    value = jnp.atleast_2d(value)
-    if value.shape[-1] != length or value.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} must have shape [{length}] or [{batch} or 1, {length}], "
-            f"got {tuple(value.shape)}"
-        )
-    return value.astype(jnp.int32)
+    return _checks.position_rows(name, value, length=length, batch=batch)
 
 
 def mask_as_rank4(mask, target: tuple[int, int, int, int]) -> jax.Array:
