@@ -1,24 +1,39 @@
-"""Matplotlib figures: the study's perplexity curves and a gallery of the encodings.
+"""Matplotlib figures: the study's results and a gallery of the encodings.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas (no pyplot, no
 display, no global state), so they work on headless machines and inside tests. Every
-number plotted comes from the library's own functions.
+number plotted comes from the library's own functions. Fonts are at least 9 points
+and tick labels are plain numbers, so the figures read when printed.
 
-Gallery (`gallery`, the `jax-posenc plot` command):
+Study figures (`plot_study`): encodings are grouped by family (one colour per family:
+absolute, rotary, bias, relative, none; one line style and marker per member), the
+seed spread is a band (min to max over seeds) around the mean, and the training length
+is marked. Language modelling: perplexity against evaluation length, one panel per
+evaluation mode. Recall: accuracy against evaluation length and against distance.
 
-* `sinusoidal.png`: the sinusoidal table `[position, feature]` (Vaswani et al., 2017).
-* `rope_similarity.png`: `<RoPE(q, m), RoPE(k, 0)> / D` for `q = k = 1` against the
-  relative distance m (the long-term decay of Su et al., 2021, section 3.4.3), for plain
-  RoPE and every context-extension scaling, each next to plain RoPE.
-* `<name>_bias.png` for every registered encoding with a logit bias (ALiBi, T5, KERPLE,
-  FIRE, dynamic position bias, ...): its `[query, key]` bias matrix per head under a
-  causal mask. With `study_dir`, learned biases are read from the first layer of the
-  study's trained models; otherwise they are shown at initialization.
+Gallery (`gallery`, the `jax-posenc plot` command): one `<encoding>.png` per registered
+encoding, drawn with one head count and model width throughout (those of the study
+with `study_dir`, with its trained parameters; otherwise those of the default study,
+with parameters at initialization), and `rope_scalings.png`:
+
+* additive biases: the bias against the query-key distance, one curve per head, with
+  the training length marked; a heat map `[query, key]` only where the bias is not a
+  function of the distance alone (FIRE once its threshold is inside the window);
+* relative terms (Shaw, Transformer-XL): the positional part of the logit of a fixed
+  random query against the distance, one curve per head;
+* input embeddings (sinusoidal, learned): the table `[position, feature]` and the
+  cosine similarity of its rows;
+* RoPE: the wavelength of each frequency band against the training length; xPos: its
+  per-band decay against the distance; NoPE: the only positional signal it has, the
+  uniform causal attention weight `1 / (t + 1)`;
+* `rope_scalings.png`: what each context-extension scaling does to each band
+  (wavelength, and frequency ratio to plain RoPE), with the original context marked.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping
@@ -32,13 +47,56 @@ import orbax.checkpoint as ocp
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
 
-from jax_posenc import _files, absolute, registry, rope, rope_scaling, train
+from jax_posenc import _files, registry, rope, rope_scaling, train
+
+FAMILY_COLOURS = {
+    "absolute": "#1f77b4",
+    "rotary": "#d62728",
+    "bias": "#2ca02c",
+    "relative": "#9467bd",
+    "none": "#222222",
+    "combined": "#8c564b",
+}
+_ROLE_FAMILIES = {
+    "input_embedding": "absolute",
+    "qk_transform": "rotary",
+    "logit_bias": "bias",
+    "relative_terms": "relative",
+}
+_LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_FONT = 10
+
+
+def family(encoding: str) -> str:
+    """The family of an encoding, from what its registry entry contributes."""
+    parts = registry.resolve(encoding)
+    if len(parts) > 1:
+        return "combined"
+    roles = parts[0].contributes
+    return _ROLE_FAMILIES[roles[0]] if roles else "none"
+
+
+def encoding_styles(encodings: list[str]) -> dict[str, dict[str, Any]]:
+    """Plot styles: a colour per family, a line style and marker per member (sorted)."""
+    styles: dict[str, dict[str, Any]] = {}
+    members: dict[str, int] = {}
+    for name in sorted(encodings, key=lambda n: (list(FAMILY_COLOURS).index(family(n)), n)):
+        kind = family(name)
+        index = members.get(kind, 0)
+        members[kind] = index + 1
+        styles[name] = {
+            "color": FAMILY_COLOURS[kind],
+            "linestyle": _LINE_STYLES[index % len(_LINE_STYLES)],
+            "marker": _MARKERS[index % len(_MARKERS)],
+        }
+    return styles
 
 
 def _figure(**kwargs) -> Figure:
-    figure = Figure(**kwargs)
+    figure = Figure(layout="constrained", **kwargs)
     FigureCanvasAgg(figure)
     return figure
 
@@ -46,146 +104,230 @@ def _figure(**kwargs) -> Figure:
 def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
+def _plain_log_axis(axis, ticks) -> None:
+    """Log axis with a plain label at each of `ticks` and no other labels."""
+    axis.set_major_locator(FixedLocator(list(ticks)))
+    axis.set_major_formatter(FixedFormatter([_plain(t) for t in ticks]))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _plain(value: float) -> str:
+    """A tick label without exponents: 20000 as "20,000", 0.25 as "0.25"."""
+    if value >= 1 and float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.3g}"
+
+
+def _nice_ticks(low: float, high: float) -> list[float]:
+    """Round values for a log axis between `low` and `high`: the densest of the 1-2-5
+    style sequences that gives at most 8 ticks."""
+    sequences = ((1, 1.5, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 5), (1, 2, 5), (1, 3), (1,))
+    for mantissas in sequences:
+        candidates = [m * 10.0**e for e in range(-4, 8) for m in mantissas]
+        inside = [float(f"{c:.6g}") for c in candidates if low <= c <= high]
+        if len(inside) <= 8:
+            break
+    if len(inside) >= 3:
+        return inside
+    return sorted({float(f"{v:.2g}") for v in np.geomspace(low, high, 5)[1:-1]})
+
+
+def _mark_training_length(axes, train_len: int, text: str = "training length") -> None:
+    axes.axvline(train_len, color="grey", linestyle="--", linewidth=1)
+    axes.annotate(
+        text,
+        (train_len, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -12),
+        textcoords="offset points",
+        color="grey",
+        fontsize=_FONT - 1,
+    )
+
+
+def _curves(axes, xs, entries, metric, group, styles) -> None:
+    """Mean line and min..max band of `entries[name][metric][group][x]` per encoding."""
+    for name in styles:
+        stats = entries[name].get(metric, {}).get(group)
+        if not stats:
+            continue
+        points = [(x, stats[str(x)]) for x in xs if str(x) in stats]
+        x = [p for p, _ in points]
+        style = styles[name]
+        axes.plot(
+            x, [s["mean"] for _, s in points], label=name, linewidth=1.6, markersize=5, **style
+        )
+        if any(s["n"] > 1 for _, s in points):
+            axes.fill_between(
+                x,
+                [s["min"] for _, s in points],
+                [s["max"] for _, s in points],
+                color=style["color"],
+                alpha=0.12,
+                linewidth=0,
+            )
+
+
+def _legend(figure: Figure, axes, styles) -> None:
+    handles, labels = axes.get_legend_handles_labels()
+    order = [labels.index(name) for name in styles if name in labels]
+    figure.legend(
+        [handles[i] for i in order],
+        [f"{labels[i]} ({family(labels[i])})" for i in order],
+        loc="outside right center",
+        fontsize=_FONT,
+        frameon=False,
+    )
+
+
+def _study_title(config: Mapping[str, Any]) -> str:
+    seeds = config.get("seeds", 1)
+    spread = f"band: min..max over {seeds} seeds" if seeds > 1 else "one seed"
+    return (
+        f"trained at {config['train_len']} tokens, {config['steps']} steps, "
+        f"d_model {config['d_model']}, {config['layers']} layers, {config['heads']} heads; "
+        f"{spread}"
+    )
+
+
 def plot_study(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Held-out perplexity against evaluation length, one line per encoding.
+    """The study's figure: perplexity (language model) or accuracy (recall) curves.
 
     Args:
       results: the dictionary `jax_posenc.study.run_study` returns.
       path: PNG file to write.
     """
+    if results["config"].get("task", "lm") == "recall":
+        return _plot_recall(results, path)
+    return _plot_perplexity(results, path)
+
+
+def _plot_perplexity(results: Mapping[str, Any], path: str | Path) -> Path:
     config = results["config"]
     lengths = config["eval_lens"]
-    figure = _figure(figsize=(8.5, 4.8))
-    axes = figure.subplots()
-    curves = [(name, entry) for name, entry in results["encodings"].items() if "ppl" in entry]
-    # tab20 has 20 distinct colours; markers and dashes tell neighbours apart in greyscale.
-    colours = colormaps["tab20"](np.linspace(0, 1, 20))[:: max(1, 20 // max(1, len(curves)))]
-    for index, (encoding, entry) in enumerate(curves):
-        ppl = [entry["ppl"][str(n)] for n in lengths]
-        axes.plot(
-            lengths,
-            ppl,
-            color=colours[index % len(colours)],
-            marker="os^vD<>"[index % 7],
-            linestyle=("-", "--")[index % 2],
-            label=encoding,
-        )
-    axes.axvline(config["train_len"], color="grey", linestyle="--", linewidth=1)
-    axes.annotate(
-        "training length",
-        (config["train_len"], 1.0),
-        xycoords=("data", "axes fraction"),
-        xytext=(4, -12),
-        textcoords="offset points",
-        color="grey",
-        fontsize=8,
-    )
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.yaxis.set_major_formatter(ScalarFormatter())
-    axes.yaxis.set_minor_formatter(ScalarFormatter())
-    axes.set_xticks(lengths, [str(n) for n in lengths])
-    axes.set_xlabel("evaluation length (tokens)")
-    axes.set_ylabel("held-out perplexity (per byte, log scale)")
-    axes.set_title(
-        f"Length extrapolation: trained at {config['train_len']} tokens, "
-        f"{config['steps']} steps, d_model={config['d_model']}, {config['layers']} layers"
-    )
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(figure, path)
-
-
-def plot_sinusoidal(path: str | Path, *, num_positions: int = 256, dim: int = 128) -> Path:
-    """Heatmap of `sinusoidal_encoding(arange(num_positions), dim)`."""
-    table = np.asarray(absolute.sinusoidal_encoding(jnp.arange(num_positions), dim))
-    figure = _figure(figsize=(7, 5))
-    axes = figure.subplots()
-    image = axes.imshow(
-        table, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest"
-    )
-    figure.colorbar(image, ax=axes)
-    axes.set_xlabel("feature (pairs: sin at 2i, cos at 2i + 1)")
-    axes.set_ylabel("position")
-    axes.set_title(f"Sinusoidal encoding, dim {dim}: wavelengths 2\u03c0 to 2\u03c0\u00b710000")
-    return _save(figure, path)
-
-
-def rope_scalings(
-    rotary_dim: int, factor: float = 4.0, original: int = 2048
-) -> dict[str, rope_scaling.RopeScaling]:
-    """One example of every context-extension scaling, extending `original` by `factor`.
-
-    LongRoPE's factors are searched per model; here they are illustrative (short: 1,
-    long: rising geometrically from 1 for the fastest pair to `factor` for the slowest).
-    """
-    pairs = rotary_dim // 2
-    return {
-        f"linear (PI), factor {factor:g}": rope_scaling.LinearScaling(factor),
-        f"NTK-aware, factor {factor:g}": rope_scaling.NTKScaling(factor),
-        f"dynamic NTK, factor {factor:g}": rope_scaling.DynamicNTKScaling(factor, original),
-        f"YaRN, factor {factor:g}": rope_scaling.YarnScaling(factor, original),
-        f"Llama 3, factor {factor:g}": rope_scaling.Llama3Scaling(factor, 1.0, 4.0, original),
-        "LongRoPE (illustrative factors)": rope_scaling.LongRopeScaling(
-            short_factor=(1.0,) * pairs,
-            long_factor=tuple(np.geomspace(1.0, factor, pairs)),
-            original_max_position_embeddings=original,
-            factor=factor,
-        ),
-    }
-
-
-def rope_similarity(
-    distances: int, head_dim: int, scaling: rope_scaling.RopeScaling | None
-) -> np.ndarray:
-    """`<RoPE(1, m), RoPE(1, 0)> / head_dim` for m in `[0, distances)`, via `apply_rope`."""
-    ones = jnp.ones((1, distances, 1, head_dim), jnp.float32)
-    rotated = rope.apply_rope(ones, jnp.arange(distances), scaling=scaling, seq_len=distances)[
-        0, :, 0
+    entries = {n: e for n, e in results["encodings"].items() if "ppl" in e}
+    styles = encoding_styles(list(entries))
+    modes = ("nonoverlapping", "sliding")
+    figure = _figure(figsize=(12, 5.2))
+    panels = figure.subplots(1, 2, sharey=True)
+    values = [
+        s[k]
+        for e in entries.values()
+        for mode in modes
+        for s in e["ppl"].get(mode, {}).values()
+        for k in ("min", "max")
     ]
-    return np.asarray(rotated @ rotated[0]) / head_dim
-
-
-def plot_rope_similarity(
-    path: str | Path, *, head_dim: int = 128, distances: int = 8192, original: int = 2048
-) -> Path:
-    """Query-key similarity against relative distance: plain RoPE and every scaling."""
-    plain = rope_similarity(distances, head_dim, None)
-    scalings = rope_scalings(head_dim, original=original)
-    columns = 2
-    rows = math.ceil(len(scalings) / columns)
-    figure = _figure(figsize=(11, 2.6 * rows))
-    grid = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
-    for axes, (name, scaling) in zip(grid.flat, scalings.items(), strict=False):
-        axes.plot(plain, color="lightgrey", linewidth=1, label="plain RoPE")
-        axes.plot(rope_similarity(distances, head_dim, scaling), linewidth=1, label=name)
-        axes.axvline(original, color="grey", linestyle="--", linewidth=0.8)
-        axes.legend(fontsize=7, loc="upper right")
-        axes.grid(alpha=0.3)
-    for axes in grid[-1]:
-        axes.set_xlabel("relative distance m")
-    for axes in grid[:, 0]:
-        axes.set_ylabel("similarity")
+    for axes, mode in zip(panels, modes, strict=True):
+        _curves(axes, lengths, entries, "ppl", mode, styles)
+        _mark_training_length(axes, config["train_len"])
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        _plain_log_axis(axes.xaxis, lengths)
+        if values:
+            low, high = min(values) * 0.97, max(values) * 1.03
+            axes.set_ylim(low, high)
+            _plain_log_axis(axes.yaxis, _nice_ticks(low, high))
+        axes.set_xlabel("evaluation length (tokens)", fontsize=_FONT)
+        title = "non-overlapping windows"
+        if mode == "sliding":
+            title = f"sliding windows, stride {config.get('eval_stride', '?')}"
+        axes.set_title(title, fontsize=_FONT + 1)
+        axes.grid(True, which="major", alpha=0.3)
+        axes.tick_params(labelsize=_FONT)
+    panels[0].set_ylabel("held-out perplexity per byte (log scale)", fontsize=_FONT)
     figure.suptitle(
-        f"RoPE: <R(m) q, R(0) k> / D for q = k = 1, D = {head_dim}, base 10000; "
-        f"dashed line: original context {original}"
+        f"Length extrapolation, byte-level language model: {_study_title(config)}",
+        fontsize=_FONT + 1,
     )
+    _legend(figure, panels[0], styles)
     return _save(figure, path)
 
 
-def _bias_module(encoding: str, *, length: int, num_heads: int, head_dim: int):
-    factory = registry.get_encoding(encoding).logit_bias
-    if factory is None:
-        raise ValueError(f"encoding {encoding!r} has no logit bias to plot")
+def _plot_recall(results: Mapping[str, Any], path: str | Path) -> Path:
+    config = results["config"]
+    lengths = config["eval_lens"]
+    entries = {n: e for n, e in results["encodings"].items() if "accuracy" in e}
+    styles = encoding_styles(list(entries))
+    distances = sorted(
+        {int(d) for e in entries.values() for d in e["accuracy"]["by_distance"]}
+    ) or [config["train_len"]]
+    figure = _figure(figsize=(12, 5.2))
+    panels = figure.subplots(1, 2, sharey=True)
+    panels_spec = (
+        (panels[0], lengths, "by_length", "evaluation length (tokens; stores anywhere)"),
+        (
+            panels[1],
+            distances,
+            "by_distance",
+            f"store-to-query distance (tokens) at length {lengths[-1]}",
+        ),
+    )
+    for axes, xs, group, label in panels_spec:
+        _curves(axes, xs, entries, "accuracy", group, styles)
+        _mark_training_length(
+            axes,
+            config["train_len"],
+            "training length" if group == "by_length" else "longest trained distance",
+        )
+        axes.axhline(1 / 15, color="grey", linestyle=":", linewidth=1)
+        axes.annotate(
+            "chance (1/15)",
+            (xs[0], 1 / 15),
+            xytext=(0, 3),
+            textcoords="offset points",
+            color="grey",
+            fontsize=_FONT - 1,
+        )
+        axes.set_xscale("log", base=2)
+        _plain_log_axis(axes.xaxis, xs)
+        axes.set_ylim(0, 1.02)
+        axes.set_xlabel(label, fontsize=_FONT)
+        axes.grid(True, which="major", alpha=0.3)
+        axes.tick_params(labelsize=_FONT)
+    panels[0].set_title("accuracy by length", fontsize=_FONT + 1)
+    panels[1].set_title("accuracy by distance", fontsize=_FONT + 1)
+    panels[0].set_ylabel("recall accuracy", fontsize=_FONT)
+    figure.suptitle(f"Associative recall: {_study_title(config)}", fontsize=_FONT + 1)
+    _legend(figure, panels[0], styles)
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------ gallery
+
+
+@dataclasses.dataclass(frozen=True)
+class GallerySizes:
+    """The sizes every gallery figure uses (the default study's unless a study is given).
+
+    Attributes:
+      heads: attention heads (the same in every figure).
+      head_dim: features per head.
+      train_len: the training length marked in the figures.
+      length: the longest position shown (the longest evaluation length).
+    """
+
+    heads: int = 4
+    head_dim: int = 16
+    train_len: int = 64
+    length: int = 512
+
+    @property
+    def d_model(self) -> int:
+        return self.heads * self.head_dim
+
+
+def _module(encoding: str, role: str, sizes: GallerySizes):
+    factory = getattr(registry.get_encoding(encoding), role)
     spec = registry.EncodingSpec(
-        d_model=num_heads * head_dim,
-        num_heads=num_heads,
-        head_dim=head_dim,
-        max_positions=length,
+        d_model=sizes.d_model,
+        num_heads=sizes.heads,
+        head_dim=sizes.head_dim,
+        max_positions=sizes.length,
         causal=True,
     )
     return factory(spec)
@@ -204,47 +346,425 @@ def bias_matrix(
     The module comes from the registry factory (a causal model's spec); `params` are its
     variables (e.g. trained ones), or None for its initialization with key 0.
     """
-    module = _bias_module(encoding, length=length, num_heads=num_heads, head_dim=head_dim)
+    if registry.get_encoding(encoding).logit_bias is None:
+        raise ValueError(f"encoding {encoding!r} has no logit bias to plot")
+    sizes = GallerySizes(heads=num_heads, head_dim=head_dim, length=length)
+    module = _module(encoding, "logit_bias", sizes)
     positions = jnp.arange(length)[None]
     if params is None:
         params = module.init(jax.random.key(0), positions, positions)
     return np.asarray(module.apply(params, positions, positions))[0]
 
 
-def _has_parameters(encoding: str) -> bool:
-    module = _bias_module(encoding, length=2, num_heads=8, head_dim=16)
-    positions = jnp.arange(2)[None]
-    shapes = jax.eval_shape(module.init, jax.random.key(0), positions, positions)
-    return bool(jax.tree.leaves(shapes))
+def bias_by_distance(bias: np.ndarray) -> np.ndarray | None:
+    """`[H, L]` bias of the last query against distance 0..L-1 when the causal part of
+    `bias` `[H, L, L]` depends on the distance alone (to float32 rounding), else None."""
+    length = bias.shape[1]
+    curves = bias[:, -1, ::-1]  # distance d = (L - 1) - key
+    rows, cols = np.tril_indices(length)
+    expected = curves[:, rows - cols]
+    scale = max(float(np.abs(bias[:, rows, cols]).max()), 1e-30)
+    if np.abs(bias[:, rows, cols] - expected).max() <= 1e-5 * scale:
+        return curves
+    return None
 
 
-def plot_bias_matrices(
-    encoding: str, path: str | Path, *, params: Any | None = None, note: str = "", **kwargs
-) -> Path:
-    """One heatmap per head of `bias_matrix(encoding, ...)`, keys after the query hidden."""
-    bias = bias_matrix(encoding, params=params, **kwargs)
-    heads, length, _ = bias.shape
-    causal = np.tril(np.ones((length, length), bool))
-    shown = np.where(causal, bias, np.nan)
-    columns = min(heads, 4)
-    rows = math.ceil(heads / columns)
-    figure = _figure(figsize=(3 * columns, 2.9 * rows))
-    grid = figure.subplots(rows, columns, squeeze=False)
-    low, high = np.nanmin(shown), np.nanmax(shown)
-    for head, axes in enumerate(grid.flat):
-        if head >= heads:
-            axes.axis("off")
-            continue
-        image = axes.imshow(shown[head], cmap="viridis", vmin=low, vmax=high)
-        axes.set_title(f"head {head}", fontsize=9)
-        axes.set_xlabel("key position", fontsize=8)
-        axes.set_ylabel("query position", fontsize=8)
-    figure.colorbar(image, ax=grid.ravel().tolist(), shrink=0.8, label="logit bias")
-    figure.suptitle(f"{encoding}: {registry.get_encoding(encoding).description}\n{note}")
+def _head_colours(heads: int):
+    return colormaps["viridis"](np.linspace(0.0, 0.9, heads))
+
+
+def _caption(trained: Mapping[str, Any] | None, has_parameters: bool) -> str:
+    if trained is not None:
+        return trained["caption"]
+    if has_parameters:
+        return "parameters at initialization (`plot --study DIR` shows trained ones)"
+    return "fixed: no learned parameters"
+
+
+def _variables(module, trained, role, *args):
+    if trained is not None and role in trained["variables"]:
+        return {"params": trained["variables"][role]}
+    return module.init(jax.random.key(0), *args)
+
+
+def _plot_bias(encoding, path, sizes, trained) -> Path:
+    module = _module(encoding, "logit_bias", sizes)
+    positions = jnp.arange(sizes.length)[None]
+    variables = _variables(module, trained, "logit_bias", positions, positions)
+    bias = np.asarray(module.apply(variables, positions, positions))[0]
+    caption = _caption(trained, bool(jax.tree.leaves(variables)))
+    curves = bias_by_distance(bias)
+    if curves is not None:
+        figure = _figure(figsize=(7.5, 4.6))
+        axes = figure.subplots()
+        for head, colour in enumerate(_head_colours(sizes.heads)):
+            axes.plot(np.arange(sizes.length), curves[head], color=colour, label=f"head {head}")
+        _mark_training_length(axes, sizes.train_len)
+        axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+        axes.set_ylabel("logit bias", fontsize=_FONT)
+        axes.legend(fontsize=_FONT - 1)
+        axes.grid(alpha=0.3)
+        axes.tick_params(labelsize=_FONT)
+    else:
+        columns = min(sizes.heads, 4)
+        rows = math.ceil(sizes.heads / columns)
+        figure = _figure(figsize=(3.2 * columns, 3.1 * rows + 0.6))
+        grid = figure.subplots(rows, columns, squeeze=False)
+        causal = np.tril(np.ones((sizes.length, sizes.length), bool))
+        shown = np.where(causal, bias, np.nan)
+        low, high = np.nanmin(shown), np.nanmax(shown)
+        for head, axes in enumerate(grid.flat):
+            if head >= sizes.heads:
+                axes.axis("off")
+                continue
+            image = axes.imshow(shown[head], cmap="viridis", vmin=low, vmax=high)
+            axes.axhline(sizes.train_len, color="white", linestyle="--", linewidth=0.8)
+            axes.set_title(f"head {head}", fontsize=_FONT)
+            axes.set_xlabel("key position", fontsize=_FONT - 1)
+            axes.set_ylabel("query position", fontsize=_FONT - 1)
+        figure.colorbar(image, ax=grid.ravel().tolist(), shrink=0.8, label="logit bias")
+        caption += (
+            f"; the bias depends on the query position as well as the distance, so it is "
+            f"shown [query, key]; dashed: query = training length {sizes.train_len}"
+        )
+    description = registry.get_encoding(encoding).description
+    figure.suptitle(f"{encoding}: {description}\n{caption}", fontsize=_FONT)
     return _save(figure, path)
 
 
+def _plot_relative(encoding, path, sizes, trained) -> Path:
+    module = _module(encoding, "relative_terms", sizes)
+    length, heads, head_dim = sizes.length, sizes.heads, sizes.head_dim
+    query = jax.random.normal(jax.random.key(1), (1, 1, heads, head_dim))
+    keys = jnp.zeros((1, length, heads, head_dim))
+    q_positions, k_positions = jnp.array([[length - 1]]), jnp.arange(length)[None]
+    variables = _variables(module, trained, "relative_terms", query, keys, q_positions, k_positions)
+    # Zero keys remove the content term: what is left is the positional part of the logit.
+    logits = np.asarray(module.apply(variables, query, keys, q_positions, k_positions))
+    curves = logits[0, :, 0, ::-1]
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    for head, colour in enumerate(_head_colours(heads)):
+        axes.plot(np.arange(length), curves[head], color=colour, label=f"head {head}")
+    _mark_training_length(axes, sizes.train_len)
+    clip = getattr(module, "max_relative_position", None)
+    if clip is not None:
+        axes.axvline(clip, color="black", linestyle=":", linewidth=1)
+        axes.annotate(
+            f"clipping distance {clip}",
+            (clip, 0.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 4),
+            textcoords="offset points",
+            fontsize=_FONT - 1,
+        )
+    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+    axes.set_ylabel("positional part of the logit", fontsize=_FONT)
+    axes.legend(fontsize=_FONT - 1)
+    axes.grid(alpha=0.3)
+    axes.tick_params(labelsize=_FONT)
+    caption = _caption(trained, True)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        f"one fixed random query (N(0, 1) features) against keys at every distance; {caption}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+def _plot_input_embedding(encoding, path, sizes, trained) -> Path:
+    module = _module(encoding, "input_embedding", sizes)
+    positions = jnp.arange(sizes.length)
+    variables = _variables(module, trained, "input_embedding", positions)
+    table = np.asarray(module.apply(variables, positions))
+    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    figure = _figure(figsize=(11, 4.8))
+    left, right = figure.subplots(1, 2)
+    limit = float(np.abs(table).max())
+    image = left.imshow(
+        table, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+    )
+    figure.colorbar(image, ax=left)
+    left.set_xlabel("feature", fontsize=_FONT)
+    left.set_ylabel("position", fontsize=_FONT)
+    left.set_title("the table [position, feature]", fontsize=_FONT)
+    image = right.imshow(unit @ unit.T, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    figure.colorbar(image, ax=right)
+    right.set_xlabel("position", fontsize=_FONT)
+    right.set_ylabel("position", fontsize=_FONT)
+    right.set_title("cosine similarity of two positions' rows", fontsize=_FONT)
+    for axes in (left, right):
+        axes.axhline(sizes.train_len, color="black", linestyle="--", linewidth=1)
+        axes.tick_params(labelsize=_FONT)
+    right.axvline(sizes.train_len, color="black", linestyle="--", linewidth=1)
+    caption = _caption(trained, bool(jax.tree.leaves(variables)))
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n{caption}; "
+        f"dashed: training length {sizes.train_len}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+def rope_wavelengths(
+    head_dim: int, scaling: rope_scaling.RopeScaling | None = None, *, seq_len: int | None = None
+) -> tuple[np.ndarray, float]:
+    """`(2 pi / theta_i per band, attention factor)` from `rope.rope_frequencies`."""
+    inv_freq, factor = rope.rope_frequencies(head_dim, scaling=scaling, seq_len=seq_len)
+    return 2 * np.pi / np.asarray(inv_freq, np.float64), float(factor)
+
+
+def _plot_rope(encoding, path, sizes, trained) -> Path:
+    wavelengths, _ = rope_wavelengths(sizes.head_dim)
+    bands = np.arange(wavelengths.size)
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    axes.plot(bands, wavelengths, "o-", color=FAMILY_COLOURS["rotary"], label="wavelength")
+    for length, text, style in (
+        (sizes.train_len, "training length", "--"),
+        (sizes.length, "longest evaluation", ":"),
+    ):
+        axes.axhline(length, color="grey", linestyle=style, linewidth=1)
+        axes.annotate(
+            f"{text} {length}",
+            (0, length),
+            xytext=(2, 3),
+            textcoords="offset points",
+            color="grey",
+            fontsize=_FONT - 1,
+        )
+    axes.set_yscale("log")
+    _plain_log_axis(axes.yaxis, _nice_ticks(wavelengths.min() * 0.9, wavelengths.max() * 1.1))
+    axes.set_xticks(bands)
+    axes.set_xlabel("frequency band i (feature pair)", fontsize=_FONT)
+    axes.set_ylabel("wavelength 2\u03c0 / \u03b8_i (positions, log scale)", fontsize=_FONT)
+    axes.grid(alpha=0.3)
+    axes.tick_params(labelsize=_FONT)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        f"head_dim {sizes.head_dim}, base 10000: bands above the training length never turn "
+        "a full circle in training,\nso longer inputs show them angles they never saw; "
+        f"{_caption(trained, False)}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+def xpos_decay(head_dim: int, distances: int, *, scale_base: float = 512.0) -> np.ndarray:
+    """`[head_dim / 2, distances]` size of each band's query-key product against the
+    distance for unit vectors, via `rope.apply_xpos`: xPos's decay `zeta_i^(d / scale_base)`."""
+    pairs = head_dim // 2
+    unit = jnp.concatenate([jnp.ones(pairs), jnp.zeros(pairs)])
+    q = jnp.broadcast_to(unit, (1, distances, 1, head_dim))
+    k = jnp.stack([unit, jnp.roll(unit, pairs)])[None, :, None]  # cos and sin partners
+    products = []
+    for index in range(2):
+        q_out, k_out = rope.apply_xpos(
+            q,
+            k[:, index : index + 1],
+            jnp.arange(distances),
+            k_positions=jnp.zeros(1, jnp.int32),
+            scale_base=scale_base,
+        )
+        per_feature = np.asarray(q_out[0, :, 0] * k_out[0, 0, 0])
+        products.append(per_feature[:, :pairs] + per_feature[:, pairs:])
+    return np.hypot(*products).T
+
+
+def _plot_xpos(encoding, path, sizes, trained) -> Path:
+    decay = xpos_decay(sizes.head_dim, sizes.length)
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    colours = colormaps["plasma"](np.linspace(0.0, 0.85, decay.shape[0]))
+    for band, colour in enumerate(colours):
+        axes.plot(np.arange(sizes.length), decay[band], color=colour, label=f"band {band}")
+    _mark_training_length(axes, sizes.train_len)
+    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+    axes.set_ylabel("scale of the band's q\u00b7k product", fontsize=_FONT)
+    axes.legend(fontsize=_FONT - 2, ncol=2)
+    axes.grid(alpha=0.3)
+    axes.tick_params(labelsize=_FONT)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        f"each band rotates as in RoPE and decays as \u03b6_i^(d/512); head_dim "
+        f"{sizes.head_dim}; {_caption(trained, False)}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+def _plot_nope(encoding, path, sizes, trained) -> Path:
+    visible = np.arange(1, sizes.length + 1)  # keys a query at position t sees: t + 1
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    axes.plot(visible, 1.0 / visible, color=FAMILY_COLOURS["none"], linewidth=2)
+    _mark_training_length(axes, sizes.train_len)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    _plain_log_axis(axes.xaxis, [2**e for e in range(int(math.log2(sizes.length)) + 1)])
+    _plain_log_axis(axes.yaxis, _nice_ticks(1.0 / sizes.length, 1.0))
+    axes.set_xlabel("keys visible to the query, t + 1 (query position t)", fontsize=_FONT)
+    axes.set_ylabel("weight per key, 1 / (t + 1)", fontsize=_FONT)
+    axes.grid(alpha=0.3)
+    axes.tick_params(labelsize=_FONT)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        "no positional term; under the causal mask, uniform attention gives each key\n"
+        "weight 1 / (t + 1): the signal of position a NoPE model can learn to read",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+def _plot_qk_transform(encoding, path, sizes, trained) -> Path:
+    """Any query/key transform: `<T(1) at d, T(1) at 0> / head_dim` against d, per head."""
+    module = _module(encoding, "qk_transform", sizes)
+    shape = (1, sizes.length, sizes.heads, sizes.head_dim)
+    ones, positions = jnp.ones(shape), jnp.arange(sizes.length)[None]
+    variables = _variables(module, trained, "qk_transform", ones, ones, positions, positions)
+    q, k = module.apply(variables, ones, ones, positions, positions)
+    curves = np.asarray(jnp.einsum("lhd,hd->hl", q[0], k[0, 0])) / sizes.head_dim
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    for head, colour in enumerate(_head_colours(sizes.heads)):
+        axes.plot(np.arange(sizes.length), curves[head], color=colour, label=f"head {head}")
+    _mark_training_length(axes, sizes.train_len)
+    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+    axes.set_ylabel("q\u00b7k / head_dim for q = k = 1", fontsize=_FONT)
+    axes.legend(fontsize=_FONT - 1)
+    axes.grid(alpha=0.3)
+    caption = _caption(trained, bool(jax.tree.leaves(variables)))
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n{caption}", fontsize=_FONT
+    )
+    return _save(figure, path)
+
+
+_SPECIAL = {"none": _plot_nope, "rope": _plot_rope, "xpos": _plot_xpos}
+_BY_ROLE = {
+    "qk_transform": _plot_qk_transform,
+    "logit_bias": _plot_bias,
+    "relative_terms": _plot_relative,
+    "input_embedding": _plot_input_embedding,
+}
+
+
+def plot_encoding(
+    encoding: str,
+    path: str | Path,
+    *,
+    sizes: GallerySizes = GallerySizes(),
+    trained: Mapping[str, Any] | None = None,
+) -> Path:
+    """The gallery figure of one registered encoding (see the module docstring).
+
+    Args:
+      encoding: a registered name.
+      path: PNG file to write.
+      sizes: heads, widths and lengths.
+      trained: `{"variables": {role: params}, "caption": str}` of a trained model (see
+        `trained_parameters`), or None for parameters at initialization.
+    """
+    if encoding in _SPECIAL:
+        return _SPECIAL[encoding](encoding, path, sizes, trained)
+    roles = registry.get_encoding(encoding).contributes
+    plot = _BY_ROLE[roles[0]] if roles else _plot_nope
+    return plot(encoding, path, sizes, trained)
+
+
+def rope_scalings(
+    rotary_dim: int, factor: float = 4.0, original: int = 2048
+) -> dict[str, rope_scaling.RopeScaling]:
+    """One example of every context-extension scaling, extending `original` by `factor`.
+
+    LongRoPE's factors are searched per model; here they are illustrative (short: 1,
+    long: rising quadratically from 1 for the fastest pair to `factor` for the slowest).
+    """
+    pairs = rotary_dim // 2
+    ramp = np.linspace(0.0, 1.0, pairs) ** 2
+    return {
+        f"linear (PI), factor {factor:g}": rope_scaling.LinearScaling(factor),
+        f"NTK-aware, factor {factor:g}": rope_scaling.NTKScaling(factor),
+        f"dynamic NTK at {int(factor * original)} tokens": rope_scaling.DynamicNTKScaling(
+            factor, original
+        ),
+        f"YaRN, factor {factor:g}": rope_scaling.YarnScaling(factor, original),
+        f"Llama 3, factor {factor:g}": rope_scaling.Llama3Scaling(factor, 1.0, 4.0, original),
+        "LongRoPE (illustrative factors)": rope_scaling.LongRopeScaling(
+            short_factor=(1.0,) * pairs,
+            long_factor=tuple(1.0 + (factor - 1.0) * ramp),
+            original_max_position_embeddings=original,
+            factor=factor,
+        ),
+    }
+
+
+def plot_rope_scalings(
+    path: str | Path, *, head_dim: int = 128, factor: float = 4.0, original: int = 2048
+) -> Path:
+    """What each RoPE scaling does to each frequency band: the wavelength per band (with
+    the original and extended contexts marked) and the frequency ratio to plain RoPE."""
+    extended = int(factor * original)
+    plain, _ = rope_wavelengths(head_dim)
+    bands = np.arange(plain.size)
+    figure = _figure(figsize=(12, 5.0))
+    left, right = figure.subplots(1, 2)
+    left.plot(bands, plain, color="black", linewidth=2.2, label="plain RoPE")
+    colours = colormaps["tab10"](np.arange(10))
+    lowest_ratio = [1.0]
+    for index, (name, scaling) in enumerate(rope_scalings(head_dim, factor, original).items()):
+        wavelengths, attention = rope_wavelengths(head_dim, scaling, seq_len=extended)
+        label = name if attention == 1.0 else f"{name} (cos/sin x{attention:.3f})"
+        style = dict(color=colours[index], linestyle=_LINE_STYLES[index % 4], linewidth=1.5)
+        left.plot(bands, wavelengths, label=label, **style)
+        right.plot(bands, plain / wavelengths, **style)
+        lowest_ratio.append(float((plain / wavelengths).min()))
+    for length, text in ((original, "original context"), (extended, "extended context")):
+        left.axhline(length, color="grey", linestyle="--", linewidth=1)
+        left.annotate(
+            f"{text} {length}",
+            (0, length),
+            xytext=(2, 3),
+            textcoords="offset points",
+            color="grey",
+            fontsize=_FONT - 1,
+        )
+    left.set_yscale("log")
+    _plain_log_axis(left.yaxis, [10**e for e in range(0, 7)])
+    left.set_ylabel("wavelength 2\u03c0 / \u03b8_i (positions, log scale)", fontsize=_FONT)
+    right.set_yscale("log")
+    _plain_log_axis(right.yaxis, _nice_ticks(min(lowest_ratio) * 0.95, 1.05))
+    right.set_ylabel("frequency / plain RoPE frequency (log scale)", fontsize=_FONT)
+    for axes in (left, right):
+        axes.set_xlabel(f"frequency band i (of {plain.size}, fastest first)", fontsize=_FONT)
+        axes.grid(alpha=0.3)
+        axes.tick_params(labelsize=_FONT)
+    figure.legend(loc="outside right center", fontsize=_FONT, frameon=False)
+    figure.suptitle(
+        f"RoPE context extension, head_dim {head_dim}, base 10000, original context "
+        f"{original}, factor {factor:g}:\nhigh-frequency bands are kept, low-frequency bands "
+        "are slowed down so their wavelengths cover the extended context",
+        fontsize=_FONT + 1,
+    )
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------ trained parameters
+
+
 _STUDY_KEYS = ("heads", "d_model", "eval_lens", "train_len")
+_ROLE_PATHS = {
+    "input_embedding": lambda params, name: params.get(f"{name}_input_embedding"),
+    "logit_bias": lambda params, name: (
+        params.get("layers_0", {}).get("attention", {}).get(f"{name}_logit_bias")
+    ),
+    "relative_terms": lambda params, name: (
+        params.get("layers_0", {}).get("attention", {}).get(f"{name}_relative_terms")
+    ),
+    "qk_transform": lambda params, name: (
+        params.get("layers_0", {}).get("attention", {}).get(f"{name}_qk_transform")
+    ),
+}
 
 
 def _study_record(study_dir: Path) -> dict[str, Any]:
@@ -264,58 +784,68 @@ def _study_record(study_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _trained_bias_params(study_dir: Path, encoding: str, record: Mapping[str, Any]):
-    """Layer-0 variables of `encoding`'s bias in a study's latest intact checkpoint, the
-    sizes of that model and a caption; None when the study has no such checkpoint."""
-    directory = study_dir / encoding / "checkpoints"
-    if not directory.is_dir():
-        return None
-    manager = ocp.CheckpointManager(directory.absolute())
-    try:
-        restored = train.restore_latest(manager)
-    finally:
-        manager.close()
-    if restored is None:
-        return None
-    step, state = restored
-    params = state["params"]["params"]["layers_0"]["attention"].get(f"{encoding}_logit_bias")
-    if params is None:
-        return None
-    sizes = dict(
-        num_heads=record["heads"],
+def study_sizes(record: Mapping[str, Any]) -> GallerySizes:
+    """The gallery sizes of a study's `config.json` record."""
+    return GallerySizes(
+        heads=record["heads"],
         head_dim=record["d_model"] // record["heads"],
+        train_len=record["train_len"],
         length=max(record["eval_lens"]),
     )
-    note = (
-        f"trained: layer 0 of the study's model after {step} steps at "
-        f"{record['train_len']} tokens, shown up to {sizes['length']}"
+
+
+def _restore(directory: Path):
+    manager = ocp.CheckpointManager(directory.absolute())
+    try:
+        return train.restore_latest(manager)
+    finally:
+        manager.close()
+
+
+def _trained(study_dir: Path, encoding: str, record: Mapping[str, Any]):
+    """The trained positional variables of `encoding`'s first seed in a study, or None."""
+    folder = study_dir / encoding
+    runs = sorted(
+        (run for run in folder.glob("seed*") if (run / "checkpoints").is_dir()),
+        key=lambda run: int(run.name[4:]) if run.name[4:].isdigit() else 0,
     )
-    return {"params": params}, sizes, note
+    for run in runs:
+        restored = _restore(run / "checkpoints")
+        if restored is None:
+            continue
+        step, state = restored
+        params = state["params"]["params"]
+        variables = {}
+        for role in registry.get_encoding(encoding).contributes:
+            found = _ROLE_PATHS[role](params, encoding)
+            if found:
+                variables[role] = found
+        caption = (
+            f"trained: the study's {run.name} model after {step} steps at "
+            f"{record['train_len']} tokens (layer 0), shown up to {max(record['eval_lens'])}"
+        )
+        return {"variables": variables, "caption": caption}
+    return None
 
 
-def trained_biases(study_dir: str | Path) -> dict[str, tuple[Any, dict[str, int], str]]:
-    """`{encoding: (variables, sizes, caption)}` for every bias encoding a study trained.
+def trained_parameters(study_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """`{encoding: {"variables": {role: params}, "caption": str}}` for every registered
+    encoding the study in `study_dir` trained (its lowest seed, layer 0).
 
     Raises:
-      ValueError: `study_dir` is missing, not a study folder, or holds no trained model
-        with a logit bias.
+      ValueError: `study_dir` is missing, not a study folder, or holds no trained model.
     """
     study_dir = Path(study_dir)
     record = _study_record(study_dir)
-    biases = [
-        name
-        for name in registry.available_encodings()
-        if registry.get_encoding(name).logit_bias is not None
-    ]
     trained = {}
-    for encoding in biases:
-        found = _trained_bias_params(study_dir, encoding, record)
+    for encoding in registry.available_encodings():
+        found = _trained(study_dir, encoding, record)
         if found is not None:
             trained[encoding] = found
     if not trained:
         raise ValueError(
-            f"--study {str(study_dir)!r} holds no trained model with a logit bias "
-            f"(one of {', '.join(biases)}); train one with `jax-posenc study --encodings ...`"
+            f"--study {str(study_dir)!r} holds no trained model (no <encoding>/seed*/"
+            "checkpoints); train one with `jax-posenc study --encodings ...`"
         )
     return trained
 
@@ -323,29 +853,22 @@ def trained_biases(study_dir: str | Path) -> dict[str, tuple[Any, dict[str, int]
 def gallery(out_dir: str | Path, *, study_dir: str | Path | None = None) -> list[Path]:
     """Writes the gallery PNGs (see the module docstring) and returns their paths.
 
-    With `study_dir`, the study is read (see `trained_biases`) before anything is written.
+    With `study_dir`, the study is read (see `trained_parameters`) before anything is
+    written, and its sizes are used for every figure.
     """
-    trained_by_encoding = {} if study_dir is None else trained_biases(study_dir)
+    if study_dir is None:
+        sizes, trained = GallerySizes(), {}
+    else:
+        sizes = study_sizes(_study_record(Path(study_dir)))
+        trained = trained_parameters(study_dir)
     out_dir = Path(out_dir)
-    paths = [plot_sinusoidal(out_dir / "sinusoidal.png")]
-    paths.append(plot_rope_similarity(out_dir / "rope_similarity.png"))
-    for encoding in registry.available_encodings():
-        if registry.get_encoding(encoding).logit_bias is None:
-            continue
-        trained = trained_by_encoding.get(encoding)
-        if trained is None:
-            note = (
-                "parameters at initialization (a study directory shows trained ones)"
-                if _has_parameters(encoding)
-                else "fixed: no learned parameters"
-            )
-            path = plot_bias_matrices(encoding, out_dir / f"{encoding}_bias.png", note=note)
-        else:
-            params, sizes, note = trained
-            path = plot_bias_matrices(
-                encoding, out_dir / f"{encoding}_bias.png", params=params, note=note, **sizes
-            )
-        paths.append(path)
+    paths = [
+        plot_encoding(
+            encoding, out_dir / f"{encoding}.png", sizes=sizes, trained=trained.get(encoding)
+        )
+        for encoding in registry.available_encodings()
+    ]
+    paths.append(plot_rope_scalings(out_dir / "rope_scalings.png"))
     return paths
 
 
@@ -355,8 +878,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--study",
         metavar="DIR",
-        help="a `jax-posenc study` output folder: plot its trained biases instead of "
-        "biases at initialization",
+        help="a `jax-posenc study` output folder: draw every figure with its sizes and its "
+        "trained parameters instead of parameters at initialization",
     )
 
 

@@ -279,12 +279,12 @@ def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
 
 @_jit_cache
 def _total_loss_fn(model: nn.Module, mesh: Mesh):
-    """Jitted `(params, windows, weights) -> (error, sum of weighted per-window losses)`."""
+    """Jitted `(params, windows, weights) -> (error, sum of the weighted token losses)`."""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
     def total_loss(params, batch, weights):
-        return (next_token_losses(model, params, batch).mean(axis=1) * weights).sum()
+        return (next_token_losses(model, params, batch) * weights).sum()
 
     return _checked_jit(
         total_loss, mesh, in_shardings=(replicated, sharded, sharded), out_shardings=replicated
@@ -292,27 +292,53 @@ def _total_loss_fn(model: nn.Module, mesh: Mesh):
 
 
 def evaluate(
-    model: nn.Module, params, windows: np.ndarray, *, batch_size: int, mesh: Mesh
+    model: nn.Module,
+    params,
+    windows: np.ndarray,
+    *,
+    batch_size: int,
+    mesh: Mesh,
+    token_weights: np.ndarray | None = None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> float:
     """Mean next-token loss (nats per token) over all `windows` `[N, L + 1]`.
 
     Windows are processed `batch_size` at a time (at most all of them, rounded up to a
     multiple of the mesh size); the last batch is padded with zero-weight rows.
+
+    Args:
+      model, params: the model and its variables.
+      windows: integer `[N, L + 1]`; inputs are `[:, :-1]`, targets `[:, 1:]`.
+      batch_size: windows per forward pass.
+      mesh: device mesh with a `data` axis.
+      token_weights: `[N, L]` weight of each prediction, None for all ones; the result
+        is the weighted mean (sliding windows score only their last predictions, see
+        `jax_posenc.data.sliding_windows`).
+      callback: called as `callback(windows_done, N)` after every batch.
     """
     batch_size = min(_checks.check_positive_int("batch_size", batch_size), len(windows))
     batch_size = -(-batch_size // mesh.size) * mesh.size
+    if token_weights is None:
+        token_weights = np.ones((len(windows), windows.shape[1] - 1), np.float32)
+    if token_weights.shape != (len(windows), windows.shape[1] - 1):
+        raise ValueError(
+            f"token_weights must have shape {(len(windows), windows.shape[1] - 1)} to match "
+            f"windows {windows.shape}, got {token_weights.shape}"
+        )
     total_loss = _total_loss_fn(model, mesh)
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        weights = np.zeros(batch_size, np.float32)
-        weights[: len(chunk)] = 1.0
+        weights = np.zeros((batch_size, windows.shape[1] - 1), np.float32)
+        weights[: len(chunk)] = token_weights[start : start + batch_size]
         padding = np.zeros((batch_size - len(chunk), windows.shape[1]), windows.dtype)
         chunk = np.concatenate([chunk, padding])
         error, loss = total_loss(params, shard_batch(chunk, mesh), shard_batch(weights, mesh))
         _raise_failed_check(error, f"evaluating windows of {windows.shape[1] - 1} tokens")
         total += float(loss)
-    return total / len(windows)
+        if callback is not None:
+            callback(min(start + batch_size, len(windows)), len(windows))
+    return total / float(np.sum(token_weights, dtype=np.float64))
 
 
 def _config_record(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
