@@ -12,7 +12,7 @@ so a linen parameter tree loads as it is::
     emb = pe_nnx.LearnedEmbedding(512, 64, rngs=nnx.Rngs(0))
     nnx.update(emb, linen_variables["params"])
 
-`from_registry` builds the NNX module of one part of a registered encoding, and
+`from_registry` builds the NNX module of one role of a registered encoding, and
 `AttentionFn` is an `attention_fn` for `nnx.MultiHeadAttention` that owns an encoding's
 parameters.
 """
@@ -62,9 +62,9 @@ def _activations(num_heads: int, head_dim: int) -> np.ndarray:
     return np.zeros((1, 1, num_heads, head_dim), np.float32)
 
 
-# The arguments that initialise a module of each registry part, from its number of heads
-# and features per head. NumPy arrays stay concrete when construction is traced (inside
-# `nnx.jit`), so checks on concrete positions (a learned table's range) still pass.
+# The arguments that initialise a module in each role (a registry factory field), from its
+# number of heads and features per head. NumPy arrays stay concrete when construction is
+# traced (inside `nnx.jit`), so checks on concrete positions (a table's range) still pass.
 _EXAMPLE_INPUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
     "input_embedding": lambda num_heads, head_dim: (_positions(),),
     "qk_transform": lambda num_heads, head_dim: (
@@ -80,7 +80,7 @@ _EXAMPLE_INPUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
         _positions(),
     ),
 }
-_PARTS_WITH_ACTIVATIONS = ("qk_transform", "relative_terms")
+_ROLES_WITH_ACTIVATIONS = ("qk_transform", "relative_terms")
 _NOT_FIELDS = ("parent", "name")
 
 
@@ -106,7 +106,7 @@ class _Generated(bridge.ToNNX):
     """A `ToNNX` of one linen class, initialised on construction (see `nnx_class`)."""
 
     linen_class: ClassVar[type[nn.Module]]
-    part: ClassVar[str]
+    role: ClassVar[str]
     takes_head_dim: ClassVar[bool]
 
     def __init__(self, *args: Any, rngs: nnx.Rngs | jax.Array | None = None, **fields: Any):
@@ -116,8 +116,8 @@ class _Generated(bridge.ToNNX):
         num_heads, head_dim = _example_sizes(module, head_dim)
         # Without a head size (a rotary module given neither rotary_dim nor head_dim) the
         # module is left uninitialised: it has no parameters unless they need that size.
-        if head_dim is not None or self.part not in _PARTS_WITH_ACTIVATIONS:
-            example = _EXAMPLE_INPUTS[self.part](num_heads, head_dim)
+        if head_dim is not None or self.role not in _ROLES_WITH_ACTIVATIONS:
+            example = _EXAMPLE_INPUTS[self.role](num_heads, head_dim)
             # Eager even when construction is traced (`nnx.jit`), so the example
             # positions stay concrete and pass concrete-only checks.
             with jax.ensure_compile_time_eval():
@@ -172,12 +172,12 @@ def _signature(linen_class: type[nn.Module], takes_head_dim: bool) -> inspect.Si
 
 
 @functools.cache
-def nnx_class(linen_class: type[nn.Module], part: str) -> type[nnx.Module]:
-    """The NNX class generated from a linen module class that contributes `part`.
+def nnx_class(linen_class: type[nn.Module], role: str) -> type[nnx.Module]:
+    """The NNX class generated from a linen module class playing `role`.
 
     Instances take the linen fields as arguments (positional ones in field order) plus
     the keyword `rngs`, needed where parameters start random. They are initialised on
-    construction by calling the linen module on example inputs of the part
+    construction by calling the linen module on example inputs of the role
     ("input_embedding": positions `[1, 1]`; "logit_bias": two of them; "qk_transform"
     and "relative_terms": q and k `[1, 1, H, D]` and positions, with H and D from the
     fields `num_heads` and `head_dim`, a "qk_transform" taking D from an extra keyword
@@ -187,15 +187,15 @@ def nnx_class(linen_class: type[nn.Module], part: str) -> type[nnx.Module]:
     Args:
       linen_class: a linen module class whose parameter shapes do not depend on the
         sequence length.
-      part: the registry part it is built for, one of "input_embedding",
+      role: the registry factory field it is built by, one of "input_embedding",
         "qk_transform", "logit_bias", "relative_terms".
 
     Returns:
-      A subclass of `flax.nnx.bridge.ToNNX`; one class per `(linen_class, part)`.
+      A subclass of `flax.nnx.bridge.ToNNX`; one class per `(linen_class, role)`.
     """
-    _checks.check_choice("part", part, tuple(_EXAMPLE_INPUTS))
+    _checks.check_choice("role", role, tuple(_EXAMPLE_INPUTS))
     fields = {field.name for field in dataclasses.fields(linen_class)}
-    takes_head_dim = part in _PARTS_WITH_ACTIVATIONS and "head_dim" not in fields
+    takes_head_dim = role in _ROLES_WITH_ACTIVATIONS and "head_dim" not in fields
     methods = {
         name: _forward(name, value)
         for name, value in vars(linen_class).items()
@@ -216,7 +216,7 @@ def nnx_class(linen_class: type[nn.Module], part: str) -> type[nnx.Module]:
         "__doc__": doc,
         "__signature__": _signature(linen_class, takes_head_dim),
         "linen_class": linen_class,
-        "part": part,
+        "role": role,
         "takes_head_dim": takes_head_dim,
         **methods,
     }
@@ -225,7 +225,7 @@ def nnx_class(linen_class: type[nn.Module], part: str) -> type[nnx.Module]:
 
 def from_linen(
     module: nn.Module,
-    part: str,
+    role: str,
     *,
     rngs: nnx.Rngs | jax.Array | None = None,
     head_dim: int | None = None,
@@ -234,12 +234,12 @@ def from_linen(
 
     Args:
       module: an unbound linen module, e.g. the one a registry factory returns.
-      part: the registry part it contributes (see `nnx_class`).
+      role: the role it plays (see `nnx_class`).
       rngs: initialises random parameters.
       head_dim: features per head of a "qk_transform"'s example inputs where no field
         fixes them (learnable RoPE frequencies with `rotary_dim=None`).
     """
-    cls = nnx_class(type(module), part)
+    cls = nnx_class(type(module), role)
     fields = {
         field.name: getattr(module, field.name)
         for field in dataclasses.fields(module)
@@ -252,27 +252,27 @@ def from_linen(
 
 def from_registry(
     encoding: str,
-    part: str,
+    role: str,
     spec: registry.EncodingSpec,
     *,
     rngs: nnx.Rngs | jax.Array | None = None,
 ) -> nnx.Module:
-    """The NNX module of one part of a registered encoding, as its factory builds it.
+    """The NNX module of one role of a registered encoding, as its factory builds it.
 
     Args:
       encoding: a registered name (not a "+" combination).
-      part: "input_embedding", "qk_transform", "logit_bias" or "relative_terms".
+      role: "input_embedding", "qk_transform", "logit_bias" or "relative_terms".
       spec: the model's sizes and options, passed to the factory.
       rngs: initialises random parameters.
     """
-    _checks.check_choice("part", part, tuple(_EXAMPLE_INPUTS))
+    _checks.check_choice("role", role, tuple(_EXAMPLE_INPUTS))
     registered = registry.get_encoding(encoding)
-    factory = getattr(registered, part)
+    factory = getattr(registered, role)
     if factory is None:
         raise ValueError(
-            f"encoding {encoding!r} contributes {list(registered.contributes)}, not {part!r}"
+            f"encoding {encoding!r} contributes {list(registered.contributes)}, not {role!r}"
         )
-    return from_linen(factory(spec), part, rngs=rngs, head_dim=spec.head_dim)
+    return from_linen(factory(spec), role, rngs=rngs, head_dim=spec.head_dim)
 
 
 SinusoidalEmbedding = nnx_class(absolute.SinusoidalEmbedding, "input_embedding")

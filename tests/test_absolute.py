@@ -8,14 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.experimental import checkify
 from reference import sinusoidal_reference
 
 import jax_posenc as pe
-from jax_posenc import nnx as pe_nnx
 from jax_posenc._angles import rotation_angles
 
 LAYOUTS = ("interleaved", "concat")
@@ -161,12 +159,9 @@ def test_learned_embedding_rejects_concrete_positions_outside_table(bad, values,
     message = rf"positions must lie in \[0, num_positions=16\), got values in {re.escape(values)}"
     with pytest.raises(ValueError, match=message):
         module.apply(params, jnp.array(bad))
-    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0), mode=mode)
-    with pytest.raises(ValueError, match=message):
-        twin(jnp.array(bad))
 
 
-def test_learned_embedding_defaults_jit_init_and_apply_in_linen_and_nnx():
+def test_learned_embedding_defaults_jit_init_and_apply():
     module = pe.LearnedEmbedding(16, 8)
     positions = jnp.arange(6).reshape(2, 3)
     params = jax.jit(module.init)(jax.random.key(0), positions)
@@ -177,23 +172,10 @@ def test_learned_embedding_defaults_jit_init_and_apply_in_linen_and_nnx():
     clamped = jax.jit(module.apply)(params, jnp.array([-3, 15, 40]))
     np.testing.assert_array_equal(np.asarray(clamped), table[[0, 15, 15]])
 
-    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0))
-    twin.embedding[...] = table
-    jitted = nnx.jit(lambda m, p: m(p))
-    np.testing.assert_array_equal(np.asarray(jitted(twin, positions)), np.asarray(got))
-    created = nnx.jit(lambda: pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0)))()
-    assert created(positions).shape == (2, 3, 8)
 
-
-@pytest.mark.parametrize("api", ["linen", "nnx"])
-def test_learned_embedding_error_mode_under_jit_reports_through_checkify(api):
+def test_learned_embedding_error_mode_under_jit_reports_through_checkify():
     module, params = _linen_learned(mode="error")
-    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0), mode="error")
-
-    def lookup(positions):
-        return module.apply(params, positions) if api == "linen" else twin(positions)
-
-    checked = jax.jit(checkify.checkify(lookup))
+    checked = jax.jit(checkify.checkify(lambda positions: module.apply(params, positions)))
     err, _ = checked(jnp.array([1, 2, 3]))
     assert err.get() is None
     err, _ = checked(jnp.array([1, 2, 16]))
@@ -237,32 +219,6 @@ def test_learned_embedding_rejects_float_positions():
         module.apply(params, jnp.array([1.0, 2.0]))
 
 
-# ---------------------------------------------------------------- linen vs NNX
-
-
-def test_linen_and_nnx_learned_embedding_agree_for_the_same_parameters():
-    module, params = _linen_learned(num_positions=32, features=6)
-    twin = pe_nnx.LearnedEmbedding(32, 6, rngs=nnx.Rngs(1))
-    twin.embedding[...] = params["params"]["embedding"]
-    positions = jnp.array([[0, 5, 31], [2, 2, 9]])
-    np.testing.assert_array_equal(module.apply(params, positions), twin(positions))
-
-
-def test_linen_and_nnx_sinusoidal_embedding_agree():
-    positions = jnp.arange(300).reshape(3, 100)
-    for layout in LAYOUTS:
-        linen = pe.SinusoidalEmbedding(24, base=500.0, layout=layout)
-        twin = pe_nnx.SinusoidalEmbedding(24, base=500.0, layout=layout)
-        np.testing.assert_array_equal(linen.apply({}, positions), twin(positions))
-
-
-def test_nnx_modules_validate_configuration():
-    with pytest.raises(ValueError, match="features must be even"):
-        pe_nnx.SinusoidalEmbedding(5)
-    with pytest.raises(ValueError, match="num_positions must be a positive integer"):
-        pe_nnx.LearnedEmbedding(0, 4, rngs=nnx.Rngs(0))
-
-
 def test_modules_jit_and_vmap():
     module, params = _linen_learned(mode="clip")
     positions = jnp.arange(12).reshape(3, 4)
@@ -272,7 +228,3 @@ def test_modules_jit_and_vmap():
     sinus = pe.SinusoidalEmbedding(16)
     batched = jax.jit(jax.vmap(lambda p: sinus.apply({}, p)))(positions)
     np.testing.assert_allclose(batched, sinus.apply({}, positions), atol=1e-7)
-
-    twin = pe_nnx.LearnedEmbedding(16, 8, rngs=nnx.Rngs(0), mode="clip")
-    jitted = nnx.jit(lambda m, p: jax.vmap(m)(p))
-    np.testing.assert_array_equal(jitted(twin, positions), twin(positions))

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 from reference_bias import (
@@ -22,7 +21,6 @@ from reference_bias import (
 
 import jax_posenc as pe
 from jax_posenc import bias
-from jax_posenc import nnx as pe_nnx
 
 H = 4
 T5_SETTINGS = ((32, 128), (64, 256))
@@ -522,49 +520,6 @@ def test_bias_fn_closure_equals_the_materialized_bias(name):
 def test_modules_reject_bad_configuration(module, match):
     with pytest.raises(ValueError, match=match):
         _init(module())
-
-
-NNX_TWINS = {
-    "t5": lambda: pe_nnx.T5RelativePositionBias(H, bidirectional=False, rngs=nnx.Rngs(5)),
-    "kerple_log": lambda: pe_nnx.KerpleBias(H, variant="log"),
-    "kerple_power": lambda: pe_nnx.KerpleBias(H, variant="power"),
-    "fire": lambda: pe_nnx.FireBias(H, hidden_features=8, init_threshold=16.0, rngs=nnx.Rngs(5)),
-    "dpb": lambda: pe_nnx.DynamicPositionBias(H, hidden_features=8, rngs=nnx.Rngs(5)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(LEARNED_MODULES))
-def test_linen_and_nnx_agree_for_the_same_parameters(name):
-    module = LEARNED_MODULES[name]()
-    params = jax.tree.map(lambda p: p + 0.01, _init(module)["params"])
-    twin = NNX_TWINS[name]()
-    assert set(nnx.to_pure_dict(nnx.state(twin, nnx.Param))) == set(params)
-    for key, value in params.items():
-        getattr(twin, key)[...] = value
-    q_positions, k_positions = jnp.array([[0, 3, 30]]), jnp.arange(40)
-    expected = module.apply({"params": params}, q_positions, k_positions)
-    np.testing.assert_allclose(twin(q_positions, k_positions), expected, rtol=1e-6)
-    np.testing.assert_allclose(twin.bias_fn()(q_positions, k_positions), expected, rtol=1e-6)
-
-
-def test_nnx_gradients_reach_every_parameter():
-    twin = pe_nnx.FireBias(H, hidden_features=8, init_threshold=16.0, rngs=nnx.Rngs(0))
-    positions = jnp.arange(24)
-
-    @nnx.jit
-    @nnx.grad
-    def grads(model):
-        return jnp.sum(model.bias_fn()(positions, positions) ** 2)
-
-    for path, grad in jax.tree_util.tree_leaves_with_path(nnx.state(grads(twin))):
-        assert np.all(np.isfinite(grad)) and np.any(np.asarray(grad) != 0), path
-
-
-def test_nnx_alibi_matches_linen():
-    positions = jnp.arange(10)
-    twin = pe_nnx.AlibiBias(6, form="causal")
-    linen = pe.AlibiBias(6, form="causal")
-    np.testing.assert_array_equal(twin(positions, positions), linen.apply({}, positions, positions))
 
 
 # ------------------------------------------------------------------------ registry
