@@ -39,6 +39,18 @@ from jax_posenc import _checks
 
 ANGLE_PRECISIONS = ("exact", "float32")
 
+
+def default_frequencies(dim: int, base: float = 10000.0, *, name: str = "dim") -> np.ndarray:
+    """Inverse frequencies `base^(-2i/dim)` for i in `[0, dim/2)`, float64 on the host.
+
+    The frequencies of the sinusoidal encoding (Vaswani et al., 2017) and of plain RoPE
+    (Su et al., 2021); every RoPE scaling starts from them.
+    """
+    dim = _checks.check_even_positive_int(name, dim)
+    base = _checks.check_positive_float("base", base)
+    return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
 _TWO_PI = 2.0 * np.pi
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from jax_posenc import _checks
-from jax_posenc._angles import ANGLE_PRECISIONS, rotation_angles
+from jax_posenc._angles import ANGLE_PRECISIONS, default_frequencies, rotation_angles
 
 SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
 LOOKUP_MODES = ("clip", "error")
@@ -21,9 +21,7 @@ LOOKUP_MODES = ("clip", "error")
 
 def sinusoidal_frequencies(dim: int, *, base: float = 10000.0) -> np.ndarray:
     """Angular frequencies `base^(-2i/dim)` for i in [0, dim/2), float64 on the host."""
-    dim = _checks.check_even_positive_int("dim", dim)
-    base = _checks.check_positive_float("base", base)
-    return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    return default_frequencies(dim, base)
 
 
 def sinusoidal_encoding(

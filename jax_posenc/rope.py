@@ -42,7 +42,7 @@ import numpy as np
 
 from jax_posenc import _checks
 from jax_posenc._angles import ANGLE_PRECISIONS, rotation_cos_sin
-from jax_posenc.rope_scaling import SCALING_TYPES, RopeScaling, SeqLen, default_frequencies
+from jax_posenc.rope_scaling import RopeScaling, SeqLen, check_scaling, default_frequencies
 
 ROPE_LAYOUTS = ("half", "interleaved")
 XPOS_GAMMA = 0.4  # Sun et al. (2022), section 3.2: zeta_i = (2i/d + gamma) / (1 + gamma).
@@ -52,12 +52,7 @@ XPOS_GAMMA = 0.4  # Sun et al. (2022), section 3.2: zeta_i = (2i/d + gamma) / (1
 
 
 def _check_scaling(scaling: object) -> None:
-    if scaling is not None and not isinstance(scaling, SCALING_TYPES):
-        names = ", ".join(t.__name__ for t in SCALING_TYPES)
-        raise TypeError(
-            f"scaling must be None or one of {names}, got {scaling!r} "
-            "(convert a config dict with from_hf_rope_parameters)"
-        )
+    check_scaling(scaling)
 
 
 def _check_seq_len(seq_len: SeqLen) -> SeqLen:

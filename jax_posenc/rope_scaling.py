@@ -34,21 +34,67 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_posenc import _checks, absolute
+from jax_posenc import _checks
+from jax_posenc._angles import default_frequencies as _default_frequencies
 
 SeqLen = int | jax.Array | None
 
 
 def default_frequencies(rotary_dim: int, base: float) -> np.ndarray:
     """Su et al. (2021) inverse frequencies `base^(-2i/rotary_dim)`, float64, `[rotary_dim/2]`."""
-    rotary_dim = _checks.check_even_positive_int("rotary_dim", rotary_dim)
-    return absolute.sinusoidal_frequencies(rotary_dim, base=base)
+    return _default_frequencies(rotary_dim, base, name="rotary_dim")
+
+
+class RopeScaling(Protocol):
+    """What a RoPE scaling is: an open protocol, so a user's own scaling works everywhere
+    a built-in one does (`apply_rope`, `RotaryEmbedding`, the registry, the model).
+
+    A scaling is a hashable (frozen) object, so it can be a static argument of `jit` and
+    a module field, with:
+
+    * `frequencies(rotary_dim, base, seq_len=None) -> (inv_freq, attention_factor)`:
+      `inv_freq` `[rotary_dim / 2]` (a float64 NumPy array when static, which keeps the
+      angles exact; a traced float32 array when it depends on a traced `seq_len`) and
+      the multiplier of cos and sin;
+    * `depends_on_seq_len`: whether `frequencies` reads `seq_len` (then RoPE derives it
+      from the positions when it is not given).
+
+    Built-in scalings also carry `rope_type`, the Hugging Face `rope_type` they read,
+    and `hf_required`, the keys that config dicts must hold; `register_scaling` adds a
+    user's class to the table `from_hf_rope_parameters` reads.
+    """
+
+    depends_on_seq_len: bool
+
+    def frequencies(
+        self, rotary_dim: int, base: float, seq_len: SeqLen = None
+    ) -> tuple[np.ndarray | jax.Array, float]: ...
+
+
+def check_scaling(scaling: object) -> None:
+    """Raises TypeError unless `scaling` is None or follows the `RopeScaling` protocol."""
+    if scaling is None:
+        return
+    problems = []
+    if not callable(getattr(scaling, "frequencies", None)):
+        problems.append("a frequencies(rotary_dim, base, seq_len) method")
+    if not isinstance(getattr(scaling, "depends_on_seq_len", None), bool):
+        problems.append("a bool depends_on_seq_len attribute")
+    try:
+        hash(scaling)
+    except TypeError:
+        problems.append("to be hashable (a frozen dataclass)")
+    if problems:
+        raise TypeError(
+            f"scaling must be None or a RopeScaling, which needs {' and '.join(problems)}; "
+            f"got {scaling!r} (convert a config dict with from_hf_rope_parameters)"
+        )
 
 
 def _check_optional_positive_float(name: str, value: object) -> float | None:
@@ -86,6 +132,8 @@ class LinearScaling:
 
     factor: float
 
+    rope_type: ClassVar[str | None] = "linear"
+    hf_required: ClassVar[frozenset[str]] = frozenset({"factor"})
     depends_on_seq_len: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -106,6 +154,9 @@ class NTKScaling:
 
     factor: float
 
+    # No Hugging Face rope_type: the static NTK base change is not a config option there.
+    rope_type: ClassVar[str | None] = None
+    hf_required: ClassVar[frozenset[str]] = frozenset()
     depends_on_seq_len: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -132,6 +183,8 @@ class DynamicNTKScaling:
     factor: float
     original_max_position_embeddings: int
 
+    rope_type: ClassVar[str | None] = "dynamic"
+    hf_required: ClassVar[frozenset[str]] = frozenset({"factor"})
     depends_on_seq_len: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -198,6 +251,8 @@ class YarnScaling:
     attention_factor: float | None = None
     truncate: bool = True
 
+    rope_type: ClassVar[str | None] = "yarn"
+    hf_required: ClassVar[frozenset[str]] = frozenset({"factor"})
     depends_on_seq_len: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -280,6 +335,10 @@ class Llama3Scaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    rope_type: ClassVar[str | None] = "llama3"
+    hf_required: ClassVar[frozenset[str]] = frozenset(
+        {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    )
     depends_on_seq_len: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -343,6 +402,8 @@ class LongRopeScaling:
     attention_factor: float | None = None
     factor: float | None = None
 
+    rope_type: ClassVar[str | None] = "longrope"
+    hf_required: ClassVar[frozenset[str]] = frozenset({"short_factor", "long_factor"})
     depends_on_seq_len: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -398,9 +459,6 @@ class LongRopeScaling:
         return inv_freq, self.resolved_attention_factor()
 
 
-RopeScaling = (
-    LinearScaling | NTKScaling | DynamicNTKScaling | YarnScaling | Llama3Scaling | LongRopeScaling
-)
 SCALING_TYPES = (
     LinearScaling,
     NTKScaling,
@@ -413,43 +471,33 @@ SCALING_TYPES = (
 # ------------------------------------------------------------------ HF config dicts
 
 _COMMON_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
-# rope_type -> (spec, required keys, optional keys), as the HF config validation lists them.
-_HF_TYPES: dict[str, tuple[type | None, frozenset[str], frozenset[str]]] = {
-    "default": (None, frozenset(), frozenset()),
-    "linear": (LinearScaling, frozenset({"factor"}), frozenset()),
-    "dynamic": (
-        DynamicNTKScaling,
-        frozenset({"factor"}),
-        frozenset({"original_max_position_embeddings"}),
-    ),
-    "yarn": (
-        YarnScaling,
-        frozenset({"factor"}),
-        frozenset(
-            {
-                "original_max_position_embeddings",
-                "beta_fast",
-                "beta_slow",
-                "mscale",
-                "mscale_all_dim",
-                "attention_factor",
-                "truncate",
-            }
-        ),
-    ),
-    "llama3": (
-        Llama3Scaling,
-        frozenset(
-            {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-        ),
-        frozenset(),
-    ),
-    "longrope": (
-        LongRopeScaling,
-        frozenset({"short_factor", "long_factor"}),
-        frozenset({"original_max_position_embeddings", "attention_factor", "factor"}),
-    ),
-}
+# rope_type -> scaling class; "default" is plain RoPE. The keys a dict may hold are the
+# class's dataclass fields, of which `hf_required` must be present.
+_HF_TYPES: dict[str, type | None] = {"default": None}
+
+
+def register_scaling(cls: type) -> type:
+    """Adds a scaling class to the table of `from_hf_rope_parameters` under its
+    `rope_type`; its dataclass fields are the keys a config dict may hold and
+    `hf_required` those it must. Usable as a class decorator."""
+    rope_type = getattr(cls, "rope_type", None)
+    if not isinstance(rope_type, str) or not dataclasses.is_dataclass(cls):
+        raise TypeError(f"register_scaling needs a dataclass with a str rope_type, got {cls!r}")
+    if rope_type in _HF_TYPES and _HF_TYPES[rope_type] is not cls:
+        raise ValueError(f"rope_type {rope_type!r} is already registered")
+    _HF_TYPES[rope_type] = cls
+    return cls
+
+
+def _hf_keys(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """(required, optional) config keys of a registered scaling class."""
+    names = frozenset(field.name for field in dataclasses.fields(cls))
+    return cls.hf_required, names - cls.hf_required
+
+
+for _cls in SCALING_TYPES:
+    if _cls.rope_type is not None:
+        register_scaling(_cls)
 # Legacy names found in published configs.
 _HF_ALIASES = {"su": "longrope"}
 
@@ -502,7 +550,8 @@ def from_hf_rope_parameters(
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping (a config dict), got {params!r}")
     rope_type = _hf_rope_type(params)
-    spec_type, required, optional = _HF_TYPES[rope_type]
+    spec_type = _HF_TYPES[rope_type]
+    required, optional = _hf_keys(spec_type) if spec_type is not None else (frozenset(),) * 2
     unknown = sorted(set(params) - _COMMON_KEYS - required - optional)
     if unknown:
         raise ValueError(

@@ -1,6 +1,8 @@
 """Tests for RoPE scaling specs: frequencies against the published formulas, HF dicts."""
 
+import dataclasses
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from reference_rope import (
 )
 
 import jax_posenc as pe
+from jax_posenc import rope_scaling
 
 RNG = np.random.default_rng(0)
 SHORT = tuple(1.0 + RNG.random(64))
@@ -288,3 +291,78 @@ def test_from_hf_reads_published_config_dicts():
 def test_from_hf_rejects_what_it_does_not_understand(params, kwargs, error, match):
     with pytest.raises(error, match=match):
         pe.from_hf_rope_parameters(params, **kwargs)
+
+
+# ------------------------------------------------------------------ the open protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class _HalvedHighFrequencies:
+    """A user's own scaling: every other band at half speed (not a built-in class)."""
+
+    depends_on_seq_len: typing.ClassVar[bool] = False
+
+    def frequencies(self, rotary_dim, base, seq_len=None):
+        plain = base ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+        return plain * np.where(np.arange(rotary_dim // 2) % 2, 0.5, 1.0), 1.0
+
+
+def test_a_users_own_scaling_works_wherever_a_built_in_one_does():
+    x = np.random.default_rng(0).standard_normal((1, 5, 2, 8)).astype(np.float32)
+    positions = np.arange(5)
+    inv_freq, _ = _HalvedHighFrequencies().frequencies(8, 10000.0)
+    want = pe.apply_rope(x, positions, inv_freq=inv_freq)
+    np.testing.assert_array_equal(
+        pe.apply_rope(x, positions, scaling=_HalvedHighFrequencies()), want
+    )
+    module = pe.RotaryEmbedding(scaling=_HalvedHighFrequencies())
+    q, _ = module.apply({}, x, x, positions)
+    np.testing.assert_array_equal(q, want)
+
+
+def test_objects_that_are_not_scalings_are_refused_naming_what_is_missing():
+    with pytest.raises(TypeError, match="needs a frequencies"):
+        pe.apply_rope(np.ones((1, 2, 1, 4)), np.arange(2), scaling=object())
+    with pytest.raises(TypeError, match="from_hf_rope_parameters"):
+        pe.apply_rope(np.ones((1, 2, 1, 4)), np.arange(2), scaling={"rope_type": "linear"})
+
+
+def test_the_hf_table_is_derived_from_the_classes():
+    for cls in rope_scaling.SCALING_TYPES:
+        if cls.rope_type is None:
+            continue
+        fields = {field.name for field in dataclasses.fields(cls)}
+        assert cls.hf_required <= fields
+        required = {key: 2.0 for key in cls.hf_required}
+        for key in ("short_factor", "long_factor"):
+            if key in required:
+                required[key] = [1.0, 2.0]
+        if "original_max_position_embeddings" in required:
+            required["original_max_position_embeddings"] = 64
+        if cls is rope_scaling.Llama3Scaling:
+            required.update(low_freq_factor=1.0, high_freq_factor=4.0)
+        spec = pe.from_hf_rope_parameters(
+            {"rope_type": cls.rope_type, **required}, max_position_embeddings=64
+        )
+        assert type(spec) is cls
+
+
+def test_register_scaling_adds_a_users_rope_type():
+    @dataclasses.dataclass(frozen=True)
+    class Stretched:
+        factor: float
+        rope_type: typing.ClassVar[str] = "test-stretched"
+        hf_required: typing.ClassVar[frozenset] = frozenset({"factor"})
+        depends_on_seq_len: typing.ClassVar[bool] = False
+
+        def frequencies(self, rotary_dim, base, seq_len=None):
+            return rope_scaling.default_frequencies(rotary_dim, base) / self.factor, 1.0
+
+    rope_scaling.register_scaling(Stretched)
+    try:
+        spec = pe.from_hf_rope_parameters({"rope_type": "test-stretched", "factor": 3.0})
+        assert spec == Stretched(3.0)
+        with pytest.raises(ValueError, match="not understood"):
+            pe.from_hf_rope_parameters({"rope_type": "test-stretched", "factor": 3.0, "x": 1})
+    finally:
+        del rope_scaling._HF_TYPES["test-stretched"]
