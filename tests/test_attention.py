@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
 from reference_attention import attention_reference
+from reference_bias import t5_bucket_reference
 
 import jax_posenc as pe
 
@@ -684,7 +685,9 @@ def _hand_written_attention(name, params, x, positions):
         (table,) = [
             p["relative_attention_bias"] for p in params.values() if "relative_attention_bias" in p
         ]
-        buckets = np.asarray(pe.t5_relative_position_bucket(-offsets, bidirectional=False))
+        buckets = t5_bucket_reference(
+            -offsets, bidirectional=False, num_buckets=32, max_distance=128
+        )
         bias = np.moveaxis(table[buckets], -1, 0)[None]
     out = attention_reference(q, k, v, bias=bias, allowed=offsets >= 0)
     return np.einsum("blhk,hkd->bld", out, params["out"]["kernel"]) + params["out"]["bias"]
