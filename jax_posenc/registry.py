@@ -22,7 +22,7 @@ per model for the input embedding). Combinations are written with "+", e.g.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -107,16 +107,30 @@ class EncodingSpec:
             _checks.check_positive_int(name, getattr(self, name))
         object.__setattr__(self, "options", freeze_options(self.options))
 
-    def take_options(self, encoding: str, allowed: Mapping[str, Any]) -> dict[str, Any]:
-        """Returns `allowed` (the defaults) updated by `options[encoding]`; unknown keys raise."""
-        given = self.options.get(encoding, {})
-        unknown = sorted(set(given) - set(allowed))
+    def take_options(
+        self, encoding: str, allowed: type | Mapping[str, Any], *, fixed: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """The options given for `encoding`; unknown keys raise.
+
+        `allowed` is the module class the factory builds: its dataclass fields are the
+        option names, minus the `fixed` ones the factory sets from the spec, and only the
+        options given are returned, so the module's own defaults stay the only ones. A
+        mapping instead lists the names with defaults, and is returned updated.
+        """
+        if isinstance(allowed, Mapping):
+            defaults, names = dict(allowed), set(allowed)
+        else:
+            defaults = {}
+            names = {field.name for field in dataclasses.fields(allowed)}
+            names -= {"parent", "name", *fixed}
+        given = dict(self.options.get(encoding, {}))
+        unknown = sorted(set(given) - names)
         if unknown:
             raise ValueError(
                 f"options {unknown} are not understood by encoding {encoding!r}; "
-                f"it accepts {sorted(allowed)}"
+                f"it accepts {sorted(names)}"
             )
-        return {**allowed, **given}
+        return {**defaults, **given}
 
 
 Factory = Callable[[EncodingSpec], nn.Module]
@@ -208,12 +222,13 @@ register(
 
 
 def _sinusoidal(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("sinusoidal", {"base": 10000.0, "layout": "interleaved"})
+    options = spec.take_options("sinusoidal", absolute.SinusoidalEmbedding, fixed=("features",))
     return absolute.SinusoidalEmbedding(spec.d_model, **options)
 
 
 def _learned(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("learned", {"mode": "clip"})
+    fixed = ("num_positions", "features")
+    options = spec.take_options("learned", absolute.LearnedEmbedding, fixed=fixed)
     return absolute.LearnedEmbedding(spec.max_positions, spec.d_model, **options)
 
 
@@ -239,49 +254,41 @@ register(
 
 
 def _alibi(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("alibi", {"slopes": None, "form": "symmetric"})
-    slopes = None if options["slopes"] is None else tuple(options["slopes"])
-    return bias.AlibiBias(spec.num_heads, slopes=slopes, form=options["form"])
+    options = spec.take_options("alibi", bias.AlibiBias, fixed=("num_heads",))
+    return bias.AlibiBias(spec.num_heads, **options)
 
 
 def _t5(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("t5", {"num_buckets": 32, "max_distance": 128})
+    fixed = ("num_heads", "bidirectional")
+    options = spec.take_options("t5", bias.T5RelativePositionBias, fixed=fixed)
     return bias.T5RelativePositionBias(spec.num_heads, bidirectional=not spec.causal, **options)
 
 
 def _kerple(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("kerple", {"variant": "log"})
+    options = spec.take_options("kerple", bias.KerpleBias, fixed=("num_heads",))
     return bias.KerpleBias(spec.num_heads, **options)
 
 
 def _fire(spec: EncodingSpec) -> nn.Module:
-    defaults = {
-        "hidden_features": 32,
-        "num_hidden_layers": 1,
-        "init_c": 0.1,
-        "init_threshold": 512.0,
-    }
-    return bias.FireBias(spec.num_heads, **spec.take_options("fire", defaults))
+    options = spec.take_options("fire", bias.FireBias, fixed=("num_heads",))
+    return bias.FireBias(spec.num_heads, **options)
 
 
 def _dpb(spec: EncodingSpec) -> nn.Module:
-    defaults = {
-        "hidden_features": 64,
-        "num_hidden_layers": 2,
-        "log_distance": True,
-        "absolute": False,
-    }
-    return bias.DynamicPositionBias(spec.num_heads, **spec.take_options("dpb", defaults))
+    options = spec.take_options("dpb", bias.DynamicPositionBias, fixed=("num_heads",))
+    return bias.DynamicPositionBias(spec.num_heads, **options)
 
 
 def _shaw(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("shaw", {"max_relative_position": 16, "use_value_term": True})
+    fixed = ("head_dim",)
+    options = spec.take_options("shaw", relative.RelativePositionEmbedding, fixed=fixed)
     return relative.RelativePositionEmbedding(spec.head_dim, **options)
 
 
 def _transformer_xl(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("transformer_xl", {"features": None, "base": 10000.0})
-    return relative.TransformerXLRelativePosition(spec.num_heads, spec.head_dim, **options)
+    module = relative.TransformerXLRelativePosition
+    options = spec.take_options("transformer_xl", module, fixed=("num_heads", "head_dim"))
+    return module(spec.num_heads, spec.head_dim, **options)
 
 
 register(
@@ -337,20 +344,10 @@ register(
 
 # ---- rotary (RoPE, xPos)
 
-_ROPE_DEFAULTS = {
-    "base": 10000.0,
-    "rotary_dim": None,
-    "layout": "half",
-    "scaling": None,
-    "learnable_frequencies": False,
-    "seq_len": None,
-    "angle_precision": "exact",
-}
-
 
 def _rope(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("rope", _ROPE_DEFAULTS)
-    if isinstance(options["scaling"], Mapping):
+    options = spec.take_options("rope", rope.RotaryEmbedding)
+    if isinstance(options.get("scaling"), Mapping):
         options["scaling"] = rope_scaling.from_hf_rope_parameters(options["scaling"])
     return rope.RotaryEmbedding(**options)
 
@@ -361,18 +358,7 @@ def _xpos(spec: EncodingSpec) -> nn.Module:
             "encoding 'xpos' is causal-only (its key scale grows without bound for keys after "
             "the query); got an EncodingSpec with causal=False"
         )
-    options = spec.take_options(
-        "xpos",
-        {
-            "scale_base": 512.0,
-            "base": 10000.0,
-            "rotary_dim": None,
-            "layout": "half",
-            "reference_position": None,
-            "angle_precision": "exact",
-        },
-    )
-    return rope.XPosEmbedding(**options)
+    return rope.XPosEmbedding(**spec.take_options("xpos", rope.XPosEmbedding))
 
 
 register(
