@@ -141,10 +141,13 @@ def _mark_training_length(axes, train_len: int, text: str = "training length") -
     axes.axvline(train_len, color="grey", linestyle="--", linewidth=1)
     axes.annotate(
         text,
-        (train_len, 1.0),
+        (train_len, 0.5),
         xycoords=("data", "axes fraction"),
-        xytext=(3, -12),
+        xytext=(3, 0),
         textcoords="offset points",
+        rotation=90,
+        ha="left",
+        va="center",
         color="grey",
         fontsize=_FONT - 1,
     )

@@ -304,7 +304,7 @@ def test_default_evaluation_lengths_are_one_to_eight_times_the_training_length()
 
 def test_recall_distances_run_from_short_to_the_longest_length():
     config = study.StudyConfig(encodings=("none",), task="recall")
-    assert config.recall_distances() == (16, 32, 64, 96, 128, 192, 256, 384, 497)
+    assert config.recall_distances() == (16, 32, 64, 96, 128, 192, 256, 497)
 
 
 @pytest.mark.parametrize(
