@@ -24,7 +24,6 @@ import dataclasses
 import math
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -340,5 +339,7 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         tied = self.config.tie_embeddings
         logits = self.token_embedding.attend(x) if tied else self.unembed(x)
-        chex.assert_shape(logits, (*tokens.shape, self.config.vocab_size))
+        expected = (*tokens.shape, self.config.vocab_size)
+        if logits.shape != expected:
+            raise AssertionError(f"logits have shape {logits.shape}, expected {expected}")
         return logits.astype(jnp.float32)
