@@ -86,7 +86,7 @@ def _direction_spec(spec, options, heads: int, head_dim: int, causal: bool, leng
 def make_attention_fn(
     encoding: str,
     *,
-    implementation: str = "xla",
+    implementation: str = "auto",
     block_size: int | tuple[int, int] | None = None,
     q_positions: jax.Array | None = None,
     k_positions: jax.Array | None = None,
@@ -133,7 +133,7 @@ def make_attention_fn(
       encoding: a registered name or "+" combination whose parts contribute a qk
         transform, a logit bias or relative terms (input embeddings are rejected:
         they belong to the token embedding, not to attention).
-      implementation: "xla" or "blockwise".
+      implementation: "auto", "xla" or "blockwise" (see `dot_product_attention`).
       block_size: blockwise block size, as in `dot_product_attention`.
       q_positions: optional integer positions of the queries `[Lq]` or `[B, Lq]`.
       k_positions: optional integer positions of the keys; default `arange(Lk)`.
@@ -269,13 +269,13 @@ class EncodedAttention(nn.Module):
     Attributes:
       encoding: a registered name or "+" combination.
       options: per-part options, as the keywords of `make_attention_fn`.
-      implementation: "xla" or "blockwise".
+      implementation: "auto", "xla" or "blockwise" (see `dot_product_attention`).
       block_size: blockwise block size.
     """
 
     encoding: str
     options: Any = None
-    implementation: str = "xla"
+    implementation: str = "auto"
     block_size: int | tuple[int, int] | None = None
 
     @nn.compact

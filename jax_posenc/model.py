@@ -33,7 +33,7 @@ from jax_posenc.attention import dot_product_attention, segment_positions
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("gelu", "swiglu")
-ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -55,8 +55,9 @@ class TransformerConfig:
       norm: "rmsnorm" or "layernorm".
       mlp: "gelu" or "swiglu".
       tie_embeddings: whether the output projection reuses the token embedding.
-      attention: "xla" or "blockwise" (see `dot_product_attention`).
-      block_size: key block size of the blockwise implementation.
+      attention: "auto", "xla" or "blockwise" (see `dot_product_attention`).
+      block_size: block size of the blockwise implementation; None for the default
+        table (`jax_posenc.attention.default_block_size`).
       dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32 and the
         logits are returned in float32.
       encoding_options: per-encoding settings keyed by part name, e.g.
@@ -82,8 +83,8 @@ class TransformerConfig:
     norm: str = "rmsnorm"
     mlp: str = "gelu"
     tie_embeddings: bool = True
-    attention: str = "xla"
-    block_size: int = 128
+    attention: str = "auto"
+    block_size: int | None = None
     dtype: str = "float32"
     encoding_options: Any = None
     remat: bool = False
@@ -93,7 +94,8 @@ class TransformerConfig:
         registry.resolve(self.encoding)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_positions"):
             _checks.check_positive_int(name, getattr(self, name))
-        _checks.check_positive_int("block_size", self.block_size)
+        if self.block_size is not None:
+            _checks.check_positive_int("block_size", self.block_size)
         if self.num_kv_heads is not None:
             _checks.check_positive_int("num_kv_heads", self.num_kv_heads)
         if self.mlp_dim is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "FireBias",
     "KerpleBias",
     "LearnedEmbedding",
+    "MultiAxisRotaryEmbedding",
     "RelativePositionEmbedding",
     "RotaryEmbedding",
     "SinusoidalEmbedding",
@@ -286,6 +287,7 @@ RelativePositionEmbedding = nnx_class(relative.RelativePositionEmbedding, "relat
 TransformerXLRelativePosition = nnx_class(relative.TransformerXLRelativePosition, "relative_terms")
 RotaryEmbedding = nnx_class(rope.RotaryEmbedding, "qk_transform")
 XPosEmbedding = nnx_class(rope.XPosEmbedding, "qk_transform")
+MultiAxisRotaryEmbedding = nnx_class(rope.MultiAxisRotaryEmbedding, "qk_transform")
 
 
 class AttentionFn(nnx.Module):
@@ -309,7 +311,7 @@ class AttentionFn(nnx.Module):
       num_heads: query heads H.
       head_dim: features per head D.
       num_kv_heads: key/value heads (grouped-query attention); None for `num_heads`.
-      implementation: "xla" or "blockwise".
+      implementation: "auto", "xla" or "blockwise" (see `dot_product_attention`).
       block_size: blockwise block size.
       causal: whether direction-aware encodings are built for causal use (T5's
         one-sided buckets), as `is_causal=True` does for `make_attention_fn`.
@@ -324,7 +326,7 @@ class AttentionFn(nnx.Module):
         num_heads: int,
         head_dim: int,
         num_kv_heads: int | None = None,
-        implementation: str = "xla",
+        implementation: str = "auto",
         block_size: int | tuple[int, int] | None = None,
         causal: bool = False,
         rngs: nnx.Rngs,

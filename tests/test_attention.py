@@ -206,13 +206,13 @@ def _blockwise_vs_xla(q, k, v, params, build, block_size):
     return xla, blockwise
 
 
-def _assert_same(xla, blockwise, atol=2e-5):
+def _assert_same(xla, blockwise, atol=2e-5, rtol=0.0):
     (out_x, grads_x), (out_b, grads_b) = xla, blockwise
     assert np.all(np.isfinite(out_b))
-    np.testing.assert_allclose(out_b, out_x, atol=atol)
+    np.testing.assert_allclose(out_b, out_x, atol=atol, rtol=rtol)
     for gx, gb in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_b), strict=True):
         assert np.all(np.isfinite(gb))
-        np.testing.assert_allclose(gb, gx, atol=atol)
+        np.testing.assert_allclose(gb, gx, atol=atol, rtol=rtol)
 
 
 def _shuffled_blocks(length, block, seed=0):
@@ -833,3 +833,56 @@ def test_the_attention_package_imports_no_registry_family_model_or_training_modu
                 parts = name.split(".")
                 if parts[0] == "jax_posenc" and len(parts) > 1:
                     assert parts[1] not in forbidden, f"{path.name} imports {name}"
+
+
+# ---------------------------------------------------------------- defaults: auto, block table
+
+
+def test_auto_runs_xla_within_one_block_and_blockwise_beyond():
+    assert pe.attention.resolve_implementation("auto", 256, 256) == "xla"
+    assert pe.attention.resolve_implementation("auto", 257, 256) == "blockwise"
+    assert pe.attention.resolve_implementation("xla", 4096, 4096) == "xla"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        pe.attention.resolve_implementation("fast", 8, 8)
+
+    def uses_the_blockwise_vjp(length):
+        q = jnp.zeros((1, length, 1, 4))
+        jaxpr = jax.make_jaxpr(lambda q: pe.dot_product_attention(q, q, q, causal=True))(q)
+        return "custom_vjp_call" in str(jaxpr)
+
+    assert not uses_the_blockwise_vjp(256)
+    assert uses_the_blockwise_vjp(300)
+
+
+def test_default_block_sizes_follow_the_table_and_the_accelerator_rule():
+    table = dict(pe.attention.CPU_BLOCK_TABLE)
+    assert pe.attention.default_block_size(8, 1024, 64, platform="cpu") == table[1024]
+    assert pe.attention.default_block_size(8, 1025, 64, platform="cpu") == table[None]
+    assert pe.attention.default_block_size(8, 9000, 64, platform="gpu") == (512, 512)
+    assert pe.attention.default_block_size(8, 9000, 256, platform="gpu") == (512, 256)
+
+
+TABLE_BLOCK_SIZES = sorted({size for _, size in pe.attention.CPU_BLOCK_TABLE})
+
+
+@pytest.mark.parametrize("block_size", TABLE_BLOCK_SIZES, ids=str)
+@pytest.mark.parametrize("name", ATTENTION_ENCODINGS)
+def test_every_encoding_agrees_with_xla_at_every_block_size_the_table_chooses(name, block_size):
+    # Long enough for several blocks of every size in the table (odd, so padded), causal.
+    spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=600, causal=True)
+    q, k, v = _qkv(1, 599, 599, 2, 2, 8, seed=11)
+    module = _Encoded(name, spec)
+    params = _perturbed(jax.jit(module.init)(jax.random.key(0), q[:, :8], k[:, :8], v[:, :8]))
+
+    def run(implementation, block):
+        encoded = _Encoded(name, spec, implementation, block)
+
+        def loss(q, k, v, params):
+            out = encoded.apply(params, q, k, v)
+            return (out * jnp.cos(jnp.arange(out.size) * 0.1).reshape(out.shape)).sum(), out
+
+        grads, out = jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))(q, k, v, params)
+        return out, grads
+
+    # Parameter gradients sum ~10^6 terms here: float32 rounding is relative.
+    _assert_same(run("xla", None), run("blockwise", block_size), atol=5e-5, rtol=2e-5)

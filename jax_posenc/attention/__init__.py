@@ -10,20 +10,26 @@ encoding families, the model or training: the Flax glue that does lives in
 from jax_posenc.attention.cache import KVCache, cached_attention, init_cache, update_cache
 from jax_posenc.attention.core import (
     ACCELERATOR_BLOCK_SIZE,
-    CPU_BLOCK_SIZE,
+    AUTO_XLA_MAX_LOGITS,
+    CPU_BLOCK_TABLE,
     IMPLEMENTATIONS,
+    default_block_size,
     dot_product_attention,
+    resolve_implementation,
     segment_positions,
 )
 
 __all__ = [
     "ACCELERATOR_BLOCK_SIZE",
-    "CPU_BLOCK_SIZE",
+    "AUTO_XLA_MAX_LOGITS",
+    "CPU_BLOCK_TABLE",
     "IMPLEMENTATIONS",
     "KVCache",
     "cached_attention",
+    "default_block_size",
     "dot_product_attention",
     "init_cache",
+    "resolve_implementation",
     "segment_positions",
     "update_cache",
 ]

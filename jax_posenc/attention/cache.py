@@ -113,7 +113,7 @@ def cached_attention(
     bias_fn: BiasFn | None = None,
     relative_terms: RelativeTerms | None = None,
     causal: bool = True,
-    implementation: str = "xla",
+    implementation: str = "auto",
     block_size: int | tuple[int, int] | None = None,
     scale: float | None = None,
 ) -> jax.Array:

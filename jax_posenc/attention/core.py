@@ -40,12 +40,22 @@ from jax_posenc.attention._block import (
 )
 from jax_posenc.attention._blockwise import blockwise
 
-IMPLEMENTATIONS = ("xla", "blockwise")
-# Blockwise (q_block, k_block) when none is given: small blocks stay in the CPU caches
-# ((256, 128) was among the fastest on a 2-core CPU at L = 2k, forward and backward),
-# larger ones amortise the per-iteration launch cost of the loops on accelerators.
-CPU_BLOCK_SIZE = (256, 128)
+IMPLEMENTATIONS = ("auto", "xla", "blockwise")
+# Blockwise (q_block, k_block) when none is given, by key length: `(up to k_len, size)`
+# rows, the last for every longer sequence. Measured on the 2-core x86 CPU these tests
+# run on (float32, batch 1, 8 heads, causal, ALiBi, head_dim 64 and 128, forward and
+# forward+backward; `benchmarks/` has the sweep): (256, 256) up to 1k keys and
+# (512, 256) beyond were within noise of the fastest entry everywhere, and 0.5-0.95x the
+# time of the (256, 128) used before, the gain growing with the length.
+CPU_BLOCK_TABLE = ((1024, (256, 256)), (None, (512, 256)))
+# GPU/TPU, until the Pallas kernel picks its own: 512 x 512 amortises the per-iteration
+# cost of the loops; halved along the keys for head_dim > 128 to bound the working set.
+# A documented rule, not measured here (no accelerator was lent).
 ACCELERATOR_BLOCK_SIZE = (512, 512)
+# `implementation="auto"` runs the materialized xla path while the whole logit matrix
+# is at most one default block (the blockwise loop then has a single step and only
+# adds the custom-VJP bookkeeping), and blockwise beyond.
+AUTO_XLA_MAX_LOGITS = 256 * 256
 
 
 # ------------------------------------------------------------------ validation
@@ -113,9 +123,34 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------ public function
 
 
-def block_sizes(block_size) -> tuple[int, int]:
+def default_block_size(
+    q_len: int, k_len: int, head_dim: int, *, platform: str | None = None
+) -> tuple[int, int]:
+    """The blockwise `(q_block, k_block)` used when none is given (see `CPU_BLOCK_TABLE`
+    and `ACCELERATOR_BLOCK_SIZE`); `platform` defaults to JAX's default backend."""
+    del q_len  # the table is indexed by the key length, which sets the loop's length
+    platform = jax.default_backend() if platform is None else platform
+    if platform != "cpu":
+        q_block, k_block = ACCELERATOR_BLOCK_SIZE
+        return (q_block, k_block // 2) if head_dim > 128 else (q_block, k_block)
+    for longest, size in CPU_BLOCK_TABLE:
+        if longest is None or k_len <= longest:
+            return size
+    raise AssertionError("CPU_BLOCK_TABLE ends with a row for every length")
+
+
+def resolve_implementation(implementation: str, q_len: int, k_len: int) -> str:
+    """ "xla" or "blockwise": `implementation` itself, or what "auto" picks for the shapes."""
+    _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if implementation != "auto":
+        return implementation
+    return "xla" if q_len * k_len <= AUTO_XLA_MAX_LOGITS else "blockwise"
+
+
+def block_sizes(block_size) -> tuple[int, int] | None:
+    """A validated `(q_block, k_block)`, or None for the default."""
     if block_size is None:
-        return CPU_BLOCK_SIZE if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_SIZE
+        return None
     if isinstance(block_size, tuple | list):
         if len(block_size) != 2:
             raise ValueError(
@@ -187,7 +222,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     causal: bool = False,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    implementation: str = "xla",
+    implementation: str = "auto",
     block_size: int | tuple[int, int] | None = None,
     scale: float | None = None,
 ) -> jax.Array:
@@ -239,18 +274,19 @@ def dot_product_attention(
       causal: whether query i may only attend to keys with `k_pos <= q_pos`.
       segment_ids: integer `[B, L]` (self-attention, `Lq == Lk`) or a pair
         `(q_segment_ids [B, Lq], k_segment_ids [B, Lk])`.
-      implementation: "xla" or "blockwise".
+      implementation: "auto" (default: xla while the logits fit one block, blockwise
+        beyond; `resolve_implementation`), "xla" or "blockwise".
       block_size: blockwise only; an int or a pair `(q_block, k_block)`, clipped to the
         sequence lengths; lengths that are not multiples are padded internally. None:
-        `CPU_BLOCK_SIZE` on CPU, `ACCELERATOR_BLOCK_SIZE` on GPU/TPU.
+        `default_block_size` (a table measured on CPU, a rule on GPU/TPU).
       scale: logit scale; `1 / sqrt(D)` when None.
 
     Returns:
       `[B, Lq, H, Dv]` in the dtype of `q`.
     """
     check_attention_inputs(q, k, v)
-    _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
-    blocks = block_sizes(block_size)
+    implementation = resolve_implementation(implementation, q.shape[1], k.shape[1])
+    blocks = block_sizes(block_size) or default_block_size(q.shape[1], k.shape[1], q.shape[3])
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if bias_fn is not None and not callable(bias_fn):
