@@ -25,7 +25,9 @@ References:
   Su et al., 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding.
   Black et al., 2022, GPT-NeoX-20B (partial rotary, the "half" layout).
   Wang et al., 2024, Qwen2-VL (multimodal rotary position embedding, M-RoPE).
-  Heo et al., 2024, Rotary Position Embedding for Vision Transformer (2-D axial RoPE).
+  Qwen Team, 2025, Qwen3-VL (interleaved M-RoPE).
+  Heo et al., 2024, Rotary Position Embedding for Vision Transformer (2-D axial RoPE,
+    RoPE-Mixed).
   Sun et al., 2022, A Length-Extrapolatable Transformer (xPos).
 """
 
@@ -514,6 +516,59 @@ def rope_layout_permutation(
 # ------------------------------------------------------------------ multi-axis RoPE
 
 
+def multi_axis_band_axes(sections: Sequence[int], *, interleaved: bool = False) -> np.ndarray:
+    """The position axis each frequency band rotates by, `[sum(sections)]` ints.
+
+    Contiguous (Qwen2-VL, Qwen2.5-VL M-RoPE; 2-D axial RoPE): band `j` belongs to axis
+    `a` for `j` in the `a`-th run of `sections[a]` bands. Interleaved (Qwen3-VL M-RoPE):
+    with `n = len(sections)` axes, band `j` belongs to axis `a = j mod n` when `a > 0`
+    and `j < n * sections[a]`, and to axis 0 otherwise, so the axes alternate over the
+    whole spectrum instead of splitting it into low and high frequencies.
+
+    Args:
+      sections: bands per axis.
+      interleaved: the interleaved assignment.
+
+    Returns:
+      `[sum(sections)]` int array of axis indices.
+    """
+    if isinstance(sections, str) or not isinstance(sections, Sequence):
+        raise TypeError(f"sections must be a sequence of ints, got {sections!r}")
+    sections = tuple(_checks.check_positive_int("sections", s) for s in sections)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
+    if not interleaved:
+        return np.repeat(np.arange(len(sections)), sections)
+    bands = np.arange(sum(sections))
+    axes = np.zeros_like(bands)
+    for axis in range(1, len(sections)):
+        axes[(bands % len(sections) == axis) & (bands < len(sections) * sections[axis])] = axis
+    counts = tuple(int(np.sum(axes == axis)) for axis in range(len(sections)))
+    if counts != sections:
+        raise ValueError(
+            f"interleaved sections {sections} do not fit {sum(sections)} bands: axis a > 0 takes "
+            f"every {len(sections)}-th band below {len(sections)} * sections[a], which gives "
+            f"{counts}"
+        )
+    return axes
+
+
+def axial_positions(*grid: int) -> np.ndarray:
+    """Positions of the cells of a grid, row-major: `[len(grid), prod(grid)]` int32.
+
+    `axial_positions(height, width)` gives the (row, column) of each of the
+    `height * width` patches of an image in the order a ViT flattens them, the
+    `positions` of `apply_multi_axis_rope` / `MultiAxisRotaryEmbedding` for 2-D axial
+    RoPE (Heo et al., 2024); `axial_positions(frames, height, width)` those of a video.
+    Add a batch axis with `positions[:, None]`, an offset by adding to a row.
+    """
+    if not grid:
+        raise ValueError("axial_positions needs at least one grid size")
+    sizes = [_checks.check_positive_int("grid size", size) for size in grid]
+    mesh = np.meshgrid(*[np.arange(size) for size in sizes], indexing="ij")
+    return np.stack([axis.reshape(-1) for axis in mesh]).astype(np.int32)
+
+
 def apply_multi_axis_rope(
     x: jax.Array,
     positions: jax.Array,
@@ -524,17 +579,20 @@ def apply_multi_axis_rope(
     layout: str = "half",
     scaling: RopeScaling | None = None,
     inv_freq: np.ndarray | None = None,
+    interleaved: bool = False,
     angle_precision: str = "exact",
 ) -> jax.Array:
-    """RoPE over several position axes: 2-D image RoPE, Qwen2-VL M-RoPE.
+    """RoPE over several position axes: 2-D image RoPE, Qwen2-VL / Qwen3-VL M-RoPE.
 
-    The `rotary_dim/2` frequency bands are split, in order, into `len(sections)`
-    contiguous groups of `sections[a]` bands; group `a` rotates by the positions of axis
-    `a`. Qwen2-VL uses axes (temporal, height, width) with `sections=(16, 24, 24)` for
-    head_dim 128; for text tokens all three axes carry the token index and the result is
+    The `rotary_dim/2` frequency bands are assigned to `len(sections)` axes, `sections[a]`
+    bands to axis `a` (`multi_axis_band_axes`: in order, or interleaved as in Qwen3-VL);
+    a band rotates by the positions of its axis. Qwen2-VL uses axes (temporal, height,
+    width) with `sections=(16, 24, 24)` for head_dim 128, Qwen3-VL `(24, 20, 20)`
+    interleaved; for text tokens all axes carry the token index and the result is
     ordinary RoPE. For axial 2-D RoPE in which each axis sees the full range of
     frequencies, pass `inv_freq=np.concatenate([f, f])` with
-    `f = rope_frequencies(rotary_dim // 2)[0]` and `sections=(n/2, n/2)`.
+    `f = rope_frequencies(rotary_dim // 2)[0]` and `sections=(n/2, n/2)`, and positions
+    from `axial_positions(height, width)`.
 
     Args:
       x: `[B, S, H, D]`.
@@ -543,6 +601,7 @@ def apply_multi_axis_rope(
       base, rotary_dim, layout, angle_precision: as in `apply_rope`.
       scaling: a spec whose frequencies do not depend on the sequence length.
       inv_freq: explicit static `[rotary_dim/2]` frequencies (replaces base/scaling).
+      interleaved: assign bands to axes in turn (Qwen3-VL) instead of in runs.
 
     Returns:
       `[B, S, H, D]` array of `x.dtype`.
@@ -551,9 +610,8 @@ def apply_multi_axis_rope(
     _check_layout(layout)
     positions = _checks.check_positions("positions", positions, allow_float=True)
     _checks.check_rank("positions", positions, (2, 3))
-    if isinstance(sections, str) or not isinstance(sections, Sequence):
-        raise TypeError(f"sections must be a sequence of ints, got {sections!r}")
-    sections = tuple(_checks.check_positive_int("sections", s) for s in sections)
+    band_axes = multi_axis_band_axes(sections, interleaved=interleaved)
+    sections = tuple(sections)
     if len(sections) != positions.shape[0]:
         raise ValueError(
             f"sections {sections} has {len(sections)} entries but positions of shape "
@@ -581,11 +639,11 @@ def apply_multi_axis_rope(
             f"sections must sum to rotary_dim / 2 = {rotary_dim // 2}, got {sections} "
             f"(sum {sum(sections)})"
         )
-    bounds = np.cumsum((0, *sections))
+    bands = [np.flatnonzero(band_axes == axis) for axis in range(len(sections))]
     tables = [
         _tables(
             _position_rows("positions[axis]", positions[axis], x),
-            inv_freq[bounds[axis] : bounds[axis + 1]],
+            inv_freq[bands[axis]],
             attention_factor,
             angle_precision,
         )
@@ -593,7 +651,175 @@ def apply_multi_axis_rope(
     ]
     cos = jnp.concatenate([cos for cos, _ in tables], axis=-1)
     sin = jnp.concatenate([sin for _, sin in tables], axis=-1)
+    order = np.concatenate(bands)
+    if interleaved:
+        # The tables are tiny ([B, S, 1, n]); putting the bands back in place costs nothing.
+        cos, sin = cos[..., np.argsort(order)], sin[..., np.argsort(order)]
     return _rotate(x, cos, sin, layout)
+
+
+def apply_mixed_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    frequencies: jax.Array,
+    *,
+    attention_factor: float = 1.0,
+    layout: str = "half",
+) -> jax.Array:
+    """RoPE-Mixed (Heo et al., 2024): each band turns with a mix of every position axis.
+
+    Pair `i` of head `h` at a token with positions `p_a` (one per axis) is rotated by
+    `sum_a p_a * frequencies[a, h, i]`. Axial multi-axis RoPE is the special case in
+    which each band has one non-zero frequency; learned `frequencies` let a band follow
+    any direction of the grid (the paper's diagonal directions). The angle is the float32
+    product (learned frequencies cannot take the exact path).
+
+    Args:
+      x: `[B, S, H, D]`.
+      positions: `[n_axes, S]` or `[n_axes, B, S]`.
+      frequencies: `[n_axes, H or 1, rotary_dim/2]` radians per position per axis.
+      attention_factor: multiplier of cos and sin.
+      layout: "half" or "interleaved".
+
+    Returns:
+      `[B, S, H, D]` array of `x.dtype`.
+    """
+    x = _check_activations("x", x)
+    _check_layout(layout)
+    positions = _checks.check_positions("positions", positions, allow_float=True)
+    _checks.check_rank("positions", positions, (2, 3))
+    _checks.check_rank("frequencies", frequencies, 3)
+    n_axes, heads, pairs = jnp.shape(frequencies)
+    if n_axes != positions.shape[0] or heads not in (1, x.shape[2]):
+        raise ValueError(
+            f"frequencies must have shape [n_axes, heads or 1, rotary_dim/2] with n_axes = "
+            f"{positions.shape[0]} (positions {positions.shape}) and heads = {x.shape[2]}, "
+            f"got {jnp.shape(frequencies)}"
+        )
+    _resolve_rotary_dim(2 * pairs, x.shape[-1])
+    rows = jnp.stack(
+        [_position_rows("positions[axis]", positions[axis], x) for axis in range(n_axes)]
+    ).astype(jnp.float32)
+    frequencies = jnp.asarray(frequencies, jnp.float32)
+    angle = jnp.einsum("abs,ahi->bshi", rows, frequencies)
+    cos, sin = jnp.cos(angle) * attention_factor, jnp.sin(angle) * attention_factor
+    return _rotate(x, cos, sin, layout)
+
+
+class MultiAxisRotaryEmbedding(nn.Module):
+    """Linen RoPE over several position axes: `__call__(q, k, positions, k_positions=None)`.
+
+    Positions are `[n_axes, B or 1, S]` (rank 3: one row of positions per axis, e.g.
+    `axial_positions(h, w)[:, None]` for image patches, or Qwen2-VL's temporal, height
+    and width indices), or `[S]` / `[B, S]` for tokens whose axes all carry the same
+    position (text), which is ordinary RoPE.
+
+    By default the bands follow `sections` (`apply_multi_axis_rope`, contiguous or
+    `interleaved`). With `learnable_frequencies=True` the frequencies become a float32
+    parameter `frequencies` `[n_axes, num_heads or 1, rotary_dim/2]` applied as
+    RoPE-Mixed (`apply_mixed_rope`, Heo et al., 2024): every band may turn with every
+    axis. It starts at the axial frequencies (so the module starts as axial RoPE,
+    deterministically; the paper starts from random per-head directions instead) and
+    `num_heads` (the key/value heads; query heads share their group's frequencies) makes
+    them per head, None shared by all heads.
+
+    Attributes:
+      sections: bands per axis, summing to `rotary_dim / 2`.
+      rotary_dim: rotated features per head (None: all of head_dim).
+      base: wavelength base.
+      layout: "half" or "interleaved".
+      scaling: a spec independent of the sequence length, or None.
+      interleaved: Qwen3-VL's interleaved assignment of bands to axes.
+      learnable_frequencies: learn mixed frequencies (RoPE-Mixed).
+      num_heads: key/value heads of the learned frequencies (None: shared).
+      angle_precision: "exact" or "float32" (fixed frequencies only).
+    """
+
+    sections: tuple[int, ...]
+    rotary_dim: int | None = None
+    base: float = 10000.0
+    layout: str = "half"
+    scaling: RopeScaling | None = None
+    interleaved: bool = False
+    learnable_frequencies: bool = False
+    num_heads: int | None = None
+    angle_precision: str = "exact"
+
+    def _axis_positions(self, name: str, positions: jax.Array) -> jax.Array:
+        positions = _checks.check_positions(name, positions, allow_float=True)
+        if positions.ndim == 3:
+            return positions
+        if positions.ndim not in (1, 2):
+            raise ValueError(
+                f"{name} must be [n_axes, batch, seq] (multi-axis) or [seq] / [batch, seq] "
+                f"(the same position on every axis), got shape {positions.shape}"
+            )
+        rows = positions if positions.ndim == 2 else positions[None]
+        return jnp.broadcast_to(rows, (len(self.sections), *rows.shape))
+
+    def _initial_frequencies(self, head_dim: int) -> jax.Array:
+        rotary_dim, inv_freq, _ = _frequencies_for(
+            self.rotary_dim, head_dim, self.base, self.scaling, None, []
+        )
+        band_axes = multi_axis_band_axes(self.sections, interleaved=self.interleaved)
+        if len(band_axes) != rotary_dim // 2:
+            raise ValueError(
+                f"sections must sum to rotary_dim / 2 = {rotary_dim // 2}, got {self.sections}"
+            )
+        axial = np.stack(
+            [np.where(band_axes == a, inv_freq, 0.0) for a in range(len(self.sections))]
+        )
+        heads = 1 if self.num_heads is None else self.num_heads
+        return jnp.asarray(np.repeat(axial[:, None, :], heads, axis=1), jnp.float32)
+
+    @nn.compact
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        positions: jax.Array,
+        k_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        q_axes = self._axis_positions("positions", positions)
+        k_axes = q_axes if k_positions is None else self._axis_positions("k_positions", k_positions)
+        if not self.learnable_frequencies:
+            common = dict(
+                base=self.base,
+                rotary_dim=self.rotary_dim,
+                layout=self.layout,
+                scaling=self.scaling,
+                interleaved=self.interleaved,
+                angle_precision=self.angle_precision,
+            )
+            return (
+                apply_multi_axis_rope(q, q_axes, self.sections, **common),
+                apply_multi_axis_rope(k, k_axes, self.sections, **common),
+            )
+        q = _check_activations("q", q)
+        k = _check_activations("k", k)
+        if self.scaling is not None and self.scaling.depends_on_seq_len:
+            raise ValueError(
+                "learnable frequencies cannot start from a scaling that depends on the sequence "
+                f"length, got {type(self.scaling).__name__}"
+            )
+        if self.num_heads is not None and k.shape[2] != self.num_heads:
+            raise ValueError(f"k has {k.shape[2]} heads but num_heads={self.num_heads}")
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads ({k.shape[2]})")
+        frequencies = self.param(
+            "frequencies", lambda _: self._initial_frequencies(jnp.shape(q)[-1])
+        )
+        _, _, attention_factor = _frequencies_for(
+            self.rotary_dim, q.shape[-1], self.base, self.scaling, None, []
+        )
+        shared = frequencies.shape[1] == 1
+        groups = q.shape[2] // k.shape[2]
+        q_frequencies = frequencies if shared else jnp.repeat(frequencies, groups, axis=1)
+        common = dict(attention_factor=attention_factor, layout=self.layout)
+        return (
+            apply_mixed_rope(q, q_axes, q_frequencies, **common),
+            apply_mixed_rope(k, k_axes, frequencies, **common),
+        )
 
 
 # ------------------------------------------------------------------ xPos

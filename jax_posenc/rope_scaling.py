@@ -26,6 +26,12 @@ References:
   Peng et al., 2023, YaRN: Efficient Context Window Extension of Large Language Models.
   Meta, 2024, The Llama 3 Herd of Models (Llama 3 frequency scaling).
   Ding et al., 2024, LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens.
+  Gemma 4 (Google DeepMind), proportional RoPE ("p-RoPE"), as written in transformers'
+    `_compute_proportional_rope_parameters`: a fraction of the bands rotate.
+
+Where Hugging Face transformers' code (`modeling_rope_utils.py`) and its docstrings
+disagree, the specs follow the code, which the checkpoints ran with; each such case is
+named in the class docstring.
 """
 
 from __future__ import annotations
@@ -178,6 +184,11 @@ class DynamicNTKScaling:
     this is plain RoPE. The frequencies are recomputed from `seq_len` on every call;
     keys cached during decoding were rotated with the frequencies of *their* call, so a
     cache must be re-rotated whenever `seq_len` crosses `L0` or grows past it.
+
+    From a config dict (`from_hf_rope_parameters`), `L0` is the config's
+    `max_position_embeddings`, as in transformers' code, which ignores an
+    `original_max_position_embeddings` key for this type although its docstring
+    mentions one.
     """
 
     factor: float
@@ -240,6 +251,13 @@ class YarnScaling:
     and non-zero, `mscale(s, mscale) / mscale(s, mscale_all_dim)` with
     `mscale(s, m) = 0.1 m ln(s) + 1` (the DeepSeek-V2 form; HF transformers uses the same
     rule, including ignoring a lone `mscale`). It is applied exactly once.
+
+    DeepSeek-V2/V3 also multiply their softmax scale by `mscale(s, mscale_all_dim)^2`
+    (`softmax_scale()`, read by `RopeSpec.attention_scale`); that factor is not part of
+    cos and sin.
+
+    Config dicts of Yarn-Mistral hold a `finetuned` flag; it only changes the authors'
+    *dynamic* YaRN variant, so static YaRN accepts it and ignores it.
     """
 
     factor: float
@@ -253,6 +271,7 @@ class YarnScaling:
 
     rope_type: ClassVar[str | None] = "yarn"
     hf_required: ClassVar[frozenset[str]] = frozenset({"factor"})
+    hf_ignored: ClassVar[frozenset[str]] = frozenset({"finetuned"})
     depends_on_seq_len: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -292,6 +311,13 @@ class YarnScaling:
                 self.factor, self.mscale_all_dim
             )
         return _yarn_mscale(self.factor)
+
+    def softmax_scale(self) -> float:
+        """DeepSeek-V2/V3's factor of the softmax scale: `mscale(s, mscale_all_dim)^2`
+        when `mscale_all_dim` is set and non-zero, else 1.0."""
+        if not self.mscale_all_dim:
+            return 1.0
+        return _yarn_mscale(self.factor, self.mscale_all_dim) ** 2
 
     def ramp_bounds(self, rotary_dim: int, base: float) -> tuple[float, float]:
         """Pair indices where the ramp from `theta_i` to `theta_i / factor` starts and ends."""
@@ -390,6 +416,13 @@ class LongRopeScaling:
     `attention_factor` multiplies cos and sin. When None it is derived from `factor`
     (the context extension ratio, e.g. `max_position_embeddings / L0`) as
     `sqrt(1 + ln(factor) / ln(L0))`, and 1.0 when `factor` is None or <= 1.
+    Phi-3-small's configs give the multiplier per regime instead, as `short_mscale` and
+    `long_mscale` (its model code scales cos and sin by the one of the current regime);
+    either replaces the derived value in its regime.
+
+    From a config dict (`from_hf_rope_parameters`), an explicit `factor` key is kept
+    for the attention factor, as in transformers' code; only without one is `factor`
+    `max_position_embeddings / L0` (its docstring says the ratio always wins).
 
     Switching from short to long factors changes every rotation: keys cached while the
     sequence was short were rotated with the short factors and must be re-rotated with
@@ -401,6 +434,8 @@ class LongRopeScaling:
     original_max_position_embeddings: int
     attention_factor: float | None = None
     factor: float | None = None
+    short_mscale: float | None = None
+    long_mscale: float | None = None
 
     rope_type: ClassVar[str | None] = "longrope"
     hf_required: ClassVar[frozenset[str]] = frozenset({"short_factor", "long_factor"})
@@ -421,21 +456,32 @@ class LongRopeScaling:
                 "original_max_position_embeddings", self.original_max_position_embeddings
             ),
         )
-        _set(
-            self,
-            "attention_factor",
-            _check_optional_positive_float("attention_factor", self.attention_factor),
-        )
-        _set(self, "factor", _check_optional_positive_float("factor", self.factor))
+        for name in ("attention_factor", "factor", "short_mscale", "long_mscale"):
+            _set(self, name, _check_optional_positive_float(name, getattr(self, name)))
+        per_regime = self.short_mscale is not None or self.long_mscale is not None
+        if per_regime and self.attention_factor is not None:
+            raise ValueError(
+                "give either attention_factor or short_mscale / long_mscale, not both, got "
+                f"attention_factor={self.attention_factor}, short_mscale={self.short_mscale}, "
+                f"long_mscale={self.long_mscale}"
+            )
 
     def resolved_attention_factor(self) -> float:
-        """The multiplier of cos and sin (see the class docstring)."""
+        """The multiplier of cos and sin derived from `attention_factor` / `factor` (see
+        the class docstring); `short_mscale` / `long_mscale` replace it per regime."""
         if self.attention_factor is not None:
             return self.attention_factor
         if self.factor is None or self.factor <= 1.0:
             return 1.0
         original = self.original_max_position_embeddings
         return math.sqrt(1.0 + math.log(self.factor) / math.log(original))
+
+    def regime_attention_factors(self) -> tuple[float, float]:
+        """`(short, long)`: the multiplier of cos and sin in each regime."""
+        derived = self.resolved_attention_factor()
+        short = derived if self.short_mscale is None else self.short_mscale
+        long = derived if self.long_mscale is None else self.long_mscale
+        return short, long
 
     def frequencies(self, rotary_dim: int, base: float, seq_len: SeqLen = None):
         """Returns `(inv_freq [rotary_dim/2], attention_factor)`; traced if `seq_len` is."""
@@ -447,16 +493,58 @@ class LongRopeScaling:
             )
         short = plain / np.asarray(self.short_factor)
         long = plain / np.asarray(self.long_factor)
+        short_scale, long_scale = self.regime_attention_factors()
         original = self.original_max_position_embeddings
         if seq_len is None or _checks.is_concrete(seq_len):
-            chosen = long if seq_len is not None and int(seq_len) > original else short
-            return chosen, self.resolved_attention_factor()
+            if seq_len is not None and int(seq_len) > original:
+                return long, long_scale
+            return short, short_scale
+        is_long = jnp.asarray(seq_len) > original
         inv_freq = jnp.where(
-            jnp.asarray(seq_len) > original,
-            jnp.asarray(long, jnp.float32),
-            jnp.asarray(short, jnp.float32),
+            is_long, jnp.asarray(long, jnp.float32), jnp.asarray(short, jnp.float32)
         )
-        return inv_freq, self.resolved_attention_factor()
+        if short_scale == long_scale:
+            return inv_freq, short_scale
+        return inv_freq, jnp.where(is_long, jnp.float32(long_scale), jnp.float32(short_scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProportionalScaling:
+    """Proportional RoPE (p-RoPE) of Gemma 4: only a fraction of the bands rotate.
+
+    With `d = rotary_dim` (the whole head: cos and sin span every feature) and
+    `k = floor(partial_rotary_factor * d / 2)`, pairs `i < k` get
+    `base^(-2i/d) / factor` and the other `d/2 - k` pairs frequency 0, so they pass
+    through unrotated. Unlike partial rotary (`rotary_dim < head_dim`), the exponent keeps
+    the full width `d` and the "half" layout pairs feature `i` with `i + d/2`, so the
+    unrotated features sit at the end of *each* half. `partial_rotary_factor=0` is NoPE.
+
+    This follows transformers' `_compute_proportional_rope_parameters`.
+    """
+
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+
+    rope_type: ClassVar[str | None] = "proportional"
+    hf_required: ClassVar[frozenset[str]] = frozenset()
+    depends_on_seq_len: ClassVar[bool] = False
+
+    def __post_init__(self):
+        fraction = _check_nonnegative_float("partial_rotary_factor", self.partial_rotary_factor)
+        if fraction > 1.0:
+            raise ValueError(f"partial_rotary_factor must be <= 1, got {fraction}")
+        _set(self, "partial_rotary_factor", fraction)
+        _set(self, "factor", _checks.check_positive_float("factor", self.factor))
+
+    def rotated_pairs(self, rotary_dim: int) -> int:
+        """How many of the `rotary_dim / 2` pairs rotate."""
+        return int(self.partial_rotary_factor * rotary_dim // 2)
+
+    def frequencies(self, rotary_dim: int, base: float, seq_len: SeqLen = None):
+        """Returns `(inv_freq [rotary_dim/2] float64, attention_factor)`."""
+        inv_freq = default_frequencies(rotary_dim, base)
+        inv_freq[self.rotated_pairs(rotary_dim) :] = 0.0
+        return inv_freq / self.factor, 1.0
 
 
 SCALING_TYPES = (
@@ -466,6 +554,7 @@ SCALING_TYPES = (
     YarnScaling,
     Llama3Scaling,
     LongRopeScaling,
+    ProportionalScaling,
 )
 
 # ------------------------------------------------------------------ HF config dicts
@@ -489,10 +578,12 @@ def register_scaling(cls: type) -> type:
     return cls
 
 
-def _hf_keys(cls: type) -> tuple[frozenset[str], frozenset[str]]:
-    """(required, optional) config keys of a registered scaling class."""
+def _hf_keys(cls: type | None) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """(required, optional, ignored) config keys of a registered scaling class."""
+    if cls is None:
+        return frozenset(), frozenset(), frozenset()
     names = frozenset(field.name for field in dataclasses.fields(cls))
-    return cls.hf_required, names - cls.hf_required
+    return cls.hf_required, names - cls.hf_required, getattr(cls, "hf_ignored", frozenset())
 
 
 for _cls in SCALING_TYPES:
@@ -502,7 +593,8 @@ for _cls in SCALING_TYPES:
 _HF_ALIASES = {"su": "longrope"}
 
 
-def _hf_rope_type(params: Mapping[str, Any]) -> str:
+def hf_rope_type(params: Mapping[str, Any]) -> str:
+    """The registered `rope_type` a config dict names (`rope_type`, or legacy `type`)."""
     given = {key: params[key] for key in ("rope_type", "type") if params.get(key) is not None}
     if not given:
         raise ValueError(f"rope parameters need a 'rope_type' (or legacy 'type') key, got {params}")
@@ -513,9 +605,15 @@ def _hf_rope_type(params: Mapping[str, Any]) -> str:
     if rope_type not in _HF_TYPES:
         raise ValueError(
             f"unknown rope_type {rope_type!r}; supported: {', '.join(sorted(_HF_TYPES))} "
-            "(multi-axis 'mrope' sections go to apply_multi_axis_rope)"
+            "(multi-axis 'mrope' sections go to apply_multi_axis_rope or RopeSpec)"
         )
     return rope_type
+
+
+def hf_accepted_keys(rope_type: str) -> frozenset[str]:
+    """Every key a config dict of `rope_type` may hold (used or deliberately ignored)."""
+    required, optional, ignored = _hf_keys(_HF_TYPES[rope_type])
+    return required | optional | ignored | _COMMON_KEYS
 
 
 def from_hf_rope_parameters(
@@ -530,13 +628,20 @@ def from_hf_rope_parameters(
     "su" is read as "longrope") and rejects any other key, so a misspelt or unsupported
     setting raises instead of being ignored. `rope_theta` and `partial_rotary_factor`
     may be present (newer configs put them in this dict); they are validated but are not
-    part of the scaling: pass them as `base=` and `rotary_dim=` yourself.
+    part of the scaling (except for "proportional", whose fraction of rotating bands it
+    is): pass them as `base=` and `rotary_dim=` yourself, or read the whole config with
+    `RopeSpec.from_hf_config`. Keys a type ignores on purpose (YaRN's `finetuned`) are
+    accepted and dropped.
 
-    `original_max_position_embeddings` is read from the dict, else from the keyword of
-    that name (older configs keep it at the top level, e.g. Phi-3), else it falls back to
-    `max_position_embeddings` as the config loaders do. For LongRoPE, `factor` is
-    `max_position_embeddings / original_max_position_embeddings` when both are known
-    (the Phi-3 rule), otherwise the dict's `factor`.
+    Where transformers' code and its docstrings disagree, this follows the code:
+
+    * `original_max_position_embeddings` is read from the dict, else from the keyword of
+      that name (older configs keep it at the top level, e.g. Phi-3), else it falls back
+      to `max_position_embeddings`.
+    * "dynamic": `max_position_embeddings`, when given, is the original length `L0`; an
+      `original_max_position_embeddings` key or keyword is then not used.
+    * "longrope": a `factor` key is kept; without one, `factor` is
+      `max_position_embeddings / original_max_position_embeddings` (the Phi-3 rule).
 
     Args:
       params: the dict, e.g. `{"rope_type": "yarn", "factor": 4.0,
@@ -549,14 +654,15 @@ def from_hf_rope_parameters(
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping (a config dict), got {params!r}")
-    rope_type = _hf_rope_type(params)
+    rope_type = hf_rope_type(params)
     spec_type = _HF_TYPES[rope_type]
-    required, optional = _hf_keys(spec_type) if spec_type is not None else (frozenset(),) * 2
-    unknown = sorted(set(params) - _COMMON_KEYS - required - optional)
+    required, optional, _ = _hf_keys(spec_type)
+    accepted = hf_accepted_keys(rope_type)
+    unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(
             f"keys {unknown} are not understood for rope_type {rope_type!r}; it accepts "
-            f"{sorted(required | optional | _COMMON_KEYS)}"
+            f"{sorted(accepted)}"
         )
     missing = sorted(key for key in required if params.get(key) is None)
     if missing:
@@ -574,16 +680,23 @@ def from_hf_rope_parameters(
 
     fields = {key: params[key] for key in required | optional if params.get(key) is not None}
     if "original_max_position_embeddings" in optional:
-        original = fields.get(
-            "original_max_position_embeddings",
-            original_max_position_embeddings or max_position_embeddings,
-        )
+        if spec_type is DynamicNTKScaling and max_position_embeddings is not None:
+            original = max_position_embeddings
+        else:
+            original = fields.get(
+                "original_max_position_embeddings",
+                original_max_position_embeddings or max_position_embeddings,
+            )
         if original is None:
             raise ValueError(
                 f"rope_type {rope_type!r} needs original_max_position_embeddings: put it in "
                 "the dict or pass original_max_position_embeddings= or max_position_embeddings="
             )
         fields["original_max_position_embeddings"] = original
-    if spec_type is LongRopeScaling and max_position_embeddings is not None:
+    if (
+        spec_type is LongRopeScaling
+        and "factor" not in fields
+        and max_position_embeddings is not None
+    ):
         fields["factor"] = max_position_embeddings / fields["original_max_position_embeddings"]
     return spec_type(**fields)

@@ -160,3 +160,53 @@ def xpos_reference(x, positions, rotary_dim, *, scale_base=512.0, key=False, lay
     rotated[..., first] *= scale
     rotated[..., second] *= scale
     return rotated
+
+
+# ---------------------------------------------------------------- whole-config RoPE
+
+
+def proportional_inv_freq(head_dim, base, fraction, factor=1.0):
+    """Gemma 4 p-RoPE: the first floor(fraction * head_dim / 2) pairs keep
+    base^(-2i/head_dim) (exponent over the whole head), the others get 0; all / factor."""
+    rotated = int(fraction * head_dim // 2)
+    return np.array(
+        [
+            (base ** (-2.0 * i / head_dim) if i < rotated else 0.0) / factor
+            for i in range(head_dim // 2)
+        ]
+    )
+
+
+def mrope_band_axes(sections, interleaved):
+    """Axis of each band. Contiguous (Qwen2-VL): runs of sections[a] bands. Interleaved
+    (Qwen3-VL): every band starts on axis 0 (temporal); then for axis a >= 1 the bands
+    a, a + n, a + 2n, ... below n * sections[a] move to axis a (n = number of axes)."""
+    n = len(sections)
+    if not interleaved:
+        return [axis for axis, count in enumerate(sections) for _ in range(count)]
+    axes = [0] * sum(sections)
+    for axis in range(1, n):
+        for band in range(axis, n * sections[axis], n):
+            axes[band] = axis
+    return axes
+
+
+def multi_axis_rope_reference(x, positions, inv_freq, band_axes, *, layout="half", factor=1.0):
+    """RoPE in which band i turns by positions[band_axes[i]] (positions [n_axes, B, S])."""
+    x = np.asarray(x, np.float64)
+    positions = np.asarray(positions, np.float64)
+    rotary_dim = 2 * len(inv_freq)
+    first, second = pair_indices(rotary_dim, layout)
+    angle = np.stack(
+        [positions[axis] * theta for axis, theta in zip(band_axes, inv_freq, strict=True)], -1
+    )[:, :, None, :]
+    z = (x[..., first] + 1j * x[..., second]) * factor * np.exp(1j * angle)
+    out = x.copy()
+    out[..., first] = z.real
+    out[..., second] = z.imag
+    return out
+
+
+def llama4_query_temperature(position, floor_scale=8192.0, attn_scale=0.1):
+    """Llama 4's NoPE-layer query scale: 1 + attn_scale * ln(floor((p + 1) / floor_scale) + 1)."""
+    return 1.0 + attn_scale * math.log(math.floor((position + 1) / floor_scale) + 1.0)

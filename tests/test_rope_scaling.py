@@ -17,6 +17,7 @@ from reference_rope import (
     longrope_inv_freq,
     ntk_inv_freq,
     plain_inv_freq,
+    proportional_inv_freq,
     yarn_attention_factor,
     yarn_inv_freq,
     yarn_ramp_bounds,
@@ -88,6 +89,30 @@ CASES = [
         4097,
         longrope_inv_freq(128, 10000.0, LONG),
         longrope_attention_factor(32.0, 4096),
+    ),
+    (
+        pe.ProportionalScaling(0.25),
+        512,
+        1e6,
+        None,
+        proportional_inv_freq(512, 1e6, 0.25),
+        1.0,
+    ),
+    (
+        pe.ProportionalScaling(0.3, factor=2.0),
+        100,
+        10000.0,
+        None,
+        proportional_inv_freq(100, 10000.0, 0.3, 2.0),
+        1.0,
+    ),
+    (
+        pe.LongRopeScaling(SHORT, LONG, 4096, short_mscale=1.0, long_mscale=1.19),
+        128,
+        10000.0,
+        8192,
+        longrope_inv_freq(128, 10000.0, LONG),
+        1.19,
     ),
 ]
 
@@ -163,6 +188,13 @@ def test_specs_are_hashable_static_arguments():
         (lambda: pe.LongRopeScaling((), (), 8), ValueError, "must not be empty"),
         (lambda: pe.LongRopeScaling("1.0", (1.0,), 8), TypeError, "sequence of numbers"),
         (lambda: pe.LinearScaling(True), TypeError, "factor must be a real number"),
+        (
+            lambda: pe.LongRopeScaling((1.0,), (1.0,), 8, attention_factor=1.1, long_mscale=1.2),
+            ValueError,
+            "either attention_factor or short_mscale / long_mscale",
+        ),
+        (lambda: pe.ProportionalScaling(1.5), ValueError, "partial_rotary_factor must be <= 1"),
+        (lambda: pe.ProportionalScaling(0.5, 0.0), ValueError, "factor must be a finite"),
     ],
 )
 def test_specs_reject_bad_values(make, error, match):
@@ -186,6 +218,22 @@ def test_frequencies_reject_bad_arguments(call, match):
 
 
 # ---------------------------------------------------------------- HF config dicts
+
+
+def test_from_hf_follows_transformers_code_where_its_docstrings_differ():
+    # Dynamic NTK: the original length is max_position_embeddings, whatever the dict says.
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 1024}
+    spec = pe.from_hf_rope_parameters(dynamic, max_position_embeddings=4096)
+    assert spec.original_max_position_embeddings == 4096
+    # LongRoPE: an explicit factor is kept for the attention factor.
+    longrope = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0], "factor": 8.0}
+    spec = pe.from_hf_rope_parameters(
+        longrope, max_position_embeddings=131072, original_max_position_embeddings=4096
+    )
+    assert spec.factor == 8.0
+    np.testing.assert_allclose(
+        spec.resolved_attention_factor(), longrope_attention_factor(8.0, 4096), rtol=1e-15
+    )
 
 
 def test_from_hf_reads_published_config_dicts():
@@ -244,6 +292,25 @@ def test_from_hf_reads_published_config_dicts():
         {"type": "su", "short_factor": [1.0], "long_factor": [2.0]}, max_position_embeddings=64
     )
     assert isinstance(legacy, pe.LongRopeScaling)
+    yarn_mistral = {
+        "factor": 16.0,
+        "finetuned": True,
+        "original_max_position_embeddings": 8192,
+        "type": "yarn",
+    }
+    assert pe.from_hf_rope_parameters(yarn_mistral) == pe.YarnScaling(16.0, 8192)
+    phi3_small = {
+        "type": "su",
+        "short_factor": [1.0],
+        "long_factor": [2.0],
+        "short_mscale": 1.0,
+        "long_mscale": 1.19,
+        "original_max_position_embeddings": 8192,
+    }
+    spec = pe.from_hf_rope_parameters(phi3_small, max_position_embeddings=131072)
+    assert spec.regime_attention_factors() == (1.0, 1.19)
+    gemma4 = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+    assert pe.from_hf_rope_parameters(gemma4) == pe.ProportionalScaling(0.25)
     with_nulls = {"rope_type": "yarn", "factor": 2.0, "attention_factor": None, "mscale": None}
     assert pe.from_hf_rope_parameters(with_nulls, max_position_embeddings=512) == pe.YarnScaling(
         2.0, 512
