@@ -1,5 +1,7 @@
-"""The jax_posenc benchmark suite: cases (`cases.py`) and hand-written baselines (`tutorial.py`).
+"""The jax_posenc benchmark suite, run from the repository root: `python -m benchmarks`.
 
-Run it with `jax-posenc bench` or `python benchmarks/run.py`; the runner is
-`jax_posenc.benchmarking`.
+`runner.py` times and measures, `report.py` writes the markdown and the figure,
+`cases.py` holds the cases with `tutorial.py` (hand-written baselines) and
+`torch_baselines.py` (PyTorch's forms). This folder is not part of the installed
+package and the package never imports it.
 """

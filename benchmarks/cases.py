@@ -1,7 +1,7 @@
-"""The benchmark cases of `jax-posenc bench`, built for a mode ("quick" or "full").
+"""The benchmark cases of `python -m benchmarks`, built for a mode ("quick" or "full").
 
 Every case names the same-run references it is reported against (see
-`jax_posenc.benchmarking`): a jitted copy of the same tensor for the elementwise
+`benchmarks.runner`): a jitted copy of the same tensor for the elementwise
 encodings, the hand-written tutorial form from `benchmarks/tutorial.py`, and `xla`
 attention for the blockwise one. With torch installed (the `bench` extra) and on the CPU
 backend, the `torch` group compares the library with PyTorch's best forms
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_posenc as pe
-from benchmarks import tutorial
-from jax_posenc import benchmarking, study, train
-from jax_posenc.benchmarking import Case
+from benchmarks import runner, tutorial
+from benchmarks.runner import Case
+from jax_posenc import study, train
 from jax_posenc.model import Transformer
 
 TABLE_DIM = 128
@@ -429,7 +429,7 @@ def torch_available() -> bool:
 
 def _torch_threads() -> int:
     """torch's intra-op threads: as many as the cores JAX's CPU client uses."""
-    return benchmarking.environment()["cpu_cores"]
+    return runner.environment()["cpu_cores"]
 
 
 def _torch_baselines():
@@ -624,7 +624,7 @@ def _train_encodings(mode: str, encodings: tuple[str, ...]) -> list[str]:
 def train_cases(mode: str) -> list[Case]:
     """One optimizer step of the study's model per encoding of the study (tokens/s)."""
     settings = study.StudyConfig(**TRAIN_OVERRIDES[mode])
-    config = settings.train_config()
+    config = settings.train_config(settings.seed)
     mesh = train.data_mesh()
     cases = []
     for name in _train_encodings(mode, settings.encodings):
@@ -651,8 +651,8 @@ def train_cases(mode: str) -> list[Case]:
 
 def build_cases(mode: str) -> list[Case]:
     """All cases of `mode` ("quick": the small sizes, minutes on a CPU; "full")."""
-    if mode not in benchmarking.MODES:
-        raise ValueError(f"mode must be one of {benchmarking.MODES}, got {mode!r}")
+    if mode not in runner.MODES:
+        raise ValueError(f"mode must be one of {runner.MODES}, got {mode!r}")
     return [
         *sinusoidal_cases(mode),
         *rope_cases(mode),

@@ -20,11 +20,12 @@ COMMANDS = {
         "train one small model per encoding and measure length extrapolation",
     ),
     "plot": ("jax_posenc.plots", "write a gallery of PNGs that explain the encodings"),
-    "bench": (
-        "jax_posenc.benchmarking",
-        "run the benchmark suite of benchmarks/ (JSON, markdown and a plot)",
-    ),
 }
+# The benchmark suite ships with the source repository, not with the package.
+BENCH_MOVED = (
+    "the benchmark suite is not part of the installed package; from a source checkout "
+    "run `python -m benchmarks [--quick] [--only REGEX]` in the repository root"
+)
 
 # Imports that the `study` extra brings (jax_posenc's core needs jax, flax and numpy only).
 STUDY_EXTRA_MODULES = ("optax", "orbax", "tqdm", "matplotlib")
@@ -55,6 +56,9 @@ def _command(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command(argv)
+    if command == "bench":
+        print(f"jax-posenc bench: error: {BENCH_MOVED}", file=sys.stderr)
+        return 2
     try:
         parser = build_parser(command if command in COMMANDS else None)
     except ModuleNotFoundError as error:

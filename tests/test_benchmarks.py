@@ -1,13 +1,18 @@
-"""Tests for the benchmark runner (`jax_posenc.benchmarking`) and the hand-written baselines.
+"""Tests for the benchmark suite in `benchmarks/`: runner, report, cases, command line.
 
 The runner is checked on tiny cases (a few milliseconds each): its statistics against
 hand-computed values, the power-law fit on synthetic data, and the files it writes. The
 tutorial forms in `benchmarks/tutorial.py` are checked against float64 formulas from
 the papers, so a `÷ tutorial` ratio compares implementations of the same maths.
+`benchmarks/` is a folder of the repository (pytest puts the root on `sys.path`), and
+the package must never import it.
 """
 
+import ast
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,13 +22,13 @@ import numpy as np
 import pytest
 from reference import sinusoidal_reference
 
-from jax_posenc import benchmarking, cli
-from jax_posenc.benchmarking import Case, Settings
+from benchmarks import cases as suite
+from benchmarks import report, runner, tutorial
+from benchmarks.__main__ import main as bench_main
+from benchmarks.runner import Case, Settings
+from jax_posenc import cli
 
-# benchmarks/ is a folder of the repository, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import tutorial
-
+ROOT = Path(__file__).resolve().parents[1]
 FAST = Settings(warmup=1, repeats=3, min_repeats=3, min_sample_s=0.0, max_case_s=1.0)
 SHAPE = (64, 128)
 
@@ -55,7 +60,7 @@ def _double_case(**overrides):
 
 
 def test_measure_reports_time_memory_bandwidth_and_paired_ratio():
-    record = benchmarking.measure(_double_case(items=10, item_unit="rows", flops=8192), FAST)
+    record = runner.measure(_double_case(items=10, item_unit="rows", flops=8192), FAST)
     nbytes = math.prod(SHAPE) * 4
     timing = record["time"]
     assert timing["repeats"] == 3
@@ -74,17 +79,17 @@ def test_measure_reports_time_memory_bandwidth_and_paired_ratio():
 
 
 def test_summarize_matches_hand_computed_quartiles():
-    stats = benchmarking.summarize([4.0, 1.0, 100.0, 3.0, 2.0])
+    stats = runner.summarize([4.0, 1.0, 100.0, 3.0, 2.0])
     assert (stats["min_s"], stats["q25_s"], stats["median_s"]) == (1.0, 2.0, 3.0)
     assert (stats["q75_s"], stats["max_s"], stats["repeats"]) == (4.0, 100.0, 5)
 
 
 def test_paired_ratio_is_median_of_sample_by_sample_ratios():
     # ratios 2, 2, 3: the median of the pairs, not median(a) / median(b) = 4 / 2.
-    ratio = benchmarking.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])
+    ratio = runner.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])
     assert ratio["ratio"] == 2.0
     with pytest.raises(ValueError, match="same non-zero length"):
-        benchmarking.paired_ratio([1.0, 2.0], [1.0])
+        runner.paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_io_bytes_counts_inputs_and_outputs():
@@ -92,26 +97,26 @@ def test_io_bytes_counts_inputs_and_outputs():
         return x.sum(), jnp.concatenate([y, y])
 
     args = (jnp.ones((3, 5), jnp.float32), jnp.ones((7,), jnp.bfloat16))
-    assert benchmarking.io_bytes(fn, args) == 15 * 4 + 7 * 2 + 4 + 14 * 2
+    assert runner.io_bytes(fn, args) == 15 * 4 + 7 * 2 + 4 + 14 * 2
 
 
 def test_fit_power_law_recovers_exponent_from_synthetic_data():
     sizes = 2.0 ** np.arange(10, 15)
-    fit = benchmarking.fit_power_law(sizes, 3.0 * sizes**1.5)
+    fit = runner.fit_power_law(sizes, 3.0 * sizes**1.5)
     assert fit["exponent"] == pytest.approx(1.5, abs=1e-12)
     assert fit["coefficient"] == pytest.approx(3.0, rel=1e-9)
     assert fit["max_relative_deviation"] < 1e-9
     noise = 1.0 + 0.05 * np.random.default_rng(0).uniform(-1, 1, sizes.size)
-    noisy = benchmarking.fit_power_law(sizes, 7.0 * sizes**2 * noise)
+    noisy = runner.fit_power_law(sizes, 7.0 * sizes**2 * noise)
     assert noisy["exponent"] == pytest.approx(2.0, abs=0.05)
     assert noisy["max_relative_deviation"] < 0.1
 
 
 def test_fit_power_law_rejects_unusable_points():
     with pytest.raises(ValueError, match="two distinct sizes"):
-        benchmarking.fit_power_law([1024, 1024], [1.0, 2.0])
+        runner.fit_power_law([1024, 1024], [1.0, 2.0])
     with pytest.raises(ValueError, match="positive"):
-        benchmarking.fit_power_law([1024, 2048], [1.0, 0.0])
+        runner.fit_power_law([1024, 2048], [1.0, 0.0])
 
 
 def test_fit_series_fits_memory_and_time_per_series():
@@ -128,7 +133,7 @@ def test_fit_series_fits_memory_and_time_per_series():
     sizes = (1024, 2048, 4096)
     records = [record("linear", s, 10 * s, 1e-9 * s * s) for s in sizes]
     records += [record("quadratic", s, s * s, None) for s in sizes]
-    fits = {(f["series"], f["quantity"]): f for f in benchmarking.fit_series(records)}
+    fits = {(f["series"], f["quantity"]): f for f in runner.fit_series(records)}
     assert fits["linear", "memory"]["exponent"] == pytest.approx(1.0)
     assert fits["linear", "time"]["exponent"] == pytest.approx(2.0)
     assert fits["quadratic", "memory"]["exponent"] == pytest.approx(2.0)
@@ -137,7 +142,7 @@ def test_fit_series_fits_memory_and_time_per_series():
 
 def test_program_over_memory_budget_is_compiled_but_not_run():
     settings = Settings(warmup=1, repeats=3, min_sample_s=0.0, memory_budget_bytes=1)
-    record = benchmarking.measure(_double_case(), settings)
+    record = runner.measure(_double_case(), settings)
     assert "time" not in record and "not run" in record["skipped"]
     assert record["memory"]["total_bytes"] > 1
     assert "ratio" not in record["references"]["copy"]
@@ -147,7 +152,7 @@ def test_broken_case_is_reported_not_raised():
     def broken(x):
         raise TypeError("wrong argument")
 
-    record = benchmarking.measure(_double_case(fn=broken), FAST)
+    record = runner.measure(_double_case(fn=broken), FAST)
     assert record["error"] == "TypeError: wrong argument"
 
 
@@ -156,7 +161,7 @@ def test_broken_reference_is_reported_and_the_others_still_timed():
         raise NotImplementedError("no backward here")
 
     refs = (("broken", _double_case(name="broken", fn=broken)), ("copy", _copy_case()))
-    record = benchmarking.measure(_double_case(references=refs), FAST)
+    record = runner.measure(_double_case(references=refs), FAST)
     assert "error" not in record and record["time"]["repeats"] == 3
     assert record["references"]["broken"]["error"] == "NotImplementedError: no backward here"
     assert "ratio" in record["references"]["copy"]
@@ -165,11 +170,11 @@ def test_broken_reference_is_reported_and_the_others_still_timed():
 def test_listed_reference_gets_its_own_row_once():
     listed = Case(name="listed", group="toy", fn=jnp.negative, make_args=_ones(), listed=True)
     cases = [_double_case(name=f"double{i}", references=(("listed", listed),)) for i in range(2)]
-    document = benchmarking.run_suite(cases, FAST, mode="quick", log=lambda _: None)
+    document = runner.run_suite(cases, FAST, mode="quick", log=lambda _: None)
     assert [r["name"] for r in document["results"]] == ["listed", "double0", "double1"]
     assert "ratio" not in document["results"][0]
     with pytest.raises(ValueError, match="unique"):
-        benchmarking.run_suite(cases[:1] * 2, FAST, mode="quick", log=lambda _: None)
+        runner.run_suite(cases[:1] * 2, FAST, mode="quick", log=lambda _: None)
 
 
 def _toy_document():
@@ -185,14 +190,14 @@ def _toy_document():
                 size=size,
             )
         )
-    return benchmarking.run_suite(
+    return runner.run_suite(
         cases, FAST, mode="quick", groups={"toy": "A toy group."}, log=lambda _: None
     )
 
 
 def test_outputs_are_json_markdown_and_plot(tmp_path):
     document = _toy_document()
-    paths = benchmarking.write_outputs(document, tmp_path)
+    paths = report.write_outputs(document, tmp_path)
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(document))
     markdown = paths["md"].read_text()
     env = document["environment"]
@@ -201,19 +206,19 @@ def test_outputs_are_json_markdown_and_plot(tmp_path):
     assert "| `double` |" in markdown and "÷ copy" in markdown
     assert "`square`: memory ~ size^" in markdown
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
-    section = benchmarking.performance_section(document)
+    section = report.performance_section(document)
     assert section.startswith("## Performance") and env["machine"] in section
-    assert benchmarking.latest_results(tmp_path) == paths["json"]
+    assert report.latest_results(tmp_path) == paths["json"]
     (tmp_path / "bench-full.json").write_text(paths["json"].read_text())
-    assert benchmarking.latest_results(tmp_path).name == "bench-full.json"
+    assert report.latest_results(tmp_path).name == "bench-full.json"
 
 
-def test_cli_lists_cases_and_regenerates_the_section(tmp_path, capsys):
-    assert cli.main(["bench", "--quick", "--list", "--only", "^sinusoidal/"]) == 0
+def test_command_lists_cases_and_regenerates_the_section(tmp_path, capsys):
+    assert bench_main(["--quick", "--list", "--only", "^sinusoidal/"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert listed and all(line.startswith("sinusoidal/") for line in listed)
-    results = benchmarking.write_outputs(_toy_document(), tmp_path)["json"]
-    assert cli.main(["bench", "--section", str(results), "--out", str(tmp_path)]) == 0
+    results = report.write_outputs(_toy_document(), tmp_path)["json"]
+    assert bench_main(["--section", str(results), "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("## Performance")
     assert (tmp_path / "performance.md").read_text().startswith("## Performance")
 
@@ -227,20 +232,85 @@ def test_cli_lists_cases_and_regenerates_the_section(tmp_path, capsys):
         (["--repeats", "0"], "repeats must be a positive integer"),
     ],
 )
-def test_cli_refuses_to_run_nothing_and_writes_nothing(tmp_path, capsys, flags, message):
+def test_command_refuses_to_run_nothing_and_writes_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "bench"
-    assert cli.main(["bench", "--quick", "--out", str(out), *flags]) == 2
+    assert bench_main(["--quick", "--out", str(out), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("content", ['{"mode": "quick", "environ', "[1, 2]"])
-def test_cli_names_a_results_file_that_does_not_parse(tmp_path, capsys, content):
+def test_command_names_a_results_file_that_does_not_parse(tmp_path, capsys, content):
     results = tmp_path / "bench-quick.json"
     results.write_text(content)
-    assert cli.main(["bench", "--section", str(results), "--out", str(tmp_path / "out")]) == 2
+    assert bench_main(["--section", str(results), "--out", str(tmp_path / "out")]) == 2
     assert f"cannot read {str(results)!r}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_python_m_benchmarks_runs_from_the_repository_root():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--list", "--only", "^rope/half/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.splitlines()
+    assert listed and all(line.startswith("rope/half/") for line in listed)
+
+
+def test_jax_posenc_bench_points_to_python_m_benchmarks(capsys):
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
+
+
+def _repository_references(path):
+    """Imports of `benchmarks`, string module names under it, and `sys.path` edits in `path`."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if re.fullmatch(r"[\w.]+", node.value) else []
+        elif isinstance(node, ast.Attribute) and node.attr == "path":
+            names = ["sys.path"] if getattr(node.value, "id", None) == "sys" else []
+        else:
+            continue
+        yield from (
+            name for name in names if name == "sys.path" or name.split(".")[0] == "benchmarks"
+        )
+
+
+def test_the_package_never_imports_the_benchmarks():
+    modules = sorted((ROOT / "jax_posenc").rglob("*.py"))
+    assert ROOT / "jax_posenc" / "cli.py" in modules
+    found = {
+        str(path.relative_to(ROOT)): references
+        for path in modules
+        if (references := list(_repository_references(path)))
+    }
+    assert not found
+
+
+def test_repository_reference_scan_catches_each_form(tmp_path):
+    module = tmp_path / "module.py"
+    module.write_text(
+        "import benchmarks.cases\n"
+        "from benchmarks import runner\n"
+        "import importlib, sys\n"
+        "sys.path.insert(0, '..')\n"
+        "importlib.import_module('benchmarks.report')\n"
+        "text = 'run python -m benchmarks'\n"
+    )
+    assert sorted(_repository_references(module)) == [
+        "benchmarks",
+        "benchmarks.cases",
+        "benchmarks.report",
+        "sys.path",
+    ]
 
 
 def test_settings_for_mode_and_validation():
@@ -253,9 +323,9 @@ def test_settings_for_mode_and_validation():
 
 
 def test_peak_bandwidth_lookup():
-    assert benchmarking.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
-    assert benchmarking.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
-    assert benchmarking.peak_bandwidth("cpu") is None
+    assert runner.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert runner.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert runner.peak_bandwidth("cpu") is None
 
 
 def _suite_functions(cases):
@@ -269,21 +339,18 @@ def _suite_functions(cases):
 
 
 def test_every_quick_case_traces_against_the_current_api():
-    suite = benchmarking.load_suite()
     for case in _suite_functions(suite.build_cases("quick")):
         args = jax.eval_shape(lambda case=case: tuple(case.make_args()))
         jax.eval_shape(case.fn, *args)
 
 
 def test_torch_comparison_is_skipped_with_a_note_without_torch(monkeypatch):
-    suite = benchmarking.load_suite()
     monkeypatch.setattr(suite, "torch_available", lambda: False)
     assert not suite.torch_cases("quick")
     assert any("torch is not installed" in note for note in suite.notes())
 
 
 def test_torch_cases_pair_each_library_path_with_torch_without_importing_torch(monkeypatch):
-    suite = benchmarking.load_suite()
     monkeypatch.setattr(suite, "torch_available", lambda: True)
     imported = "torch" in sys.modules
     cases = {case.name: case for case in suite.torch_cases("quick")}
@@ -318,13 +385,12 @@ def test_non_jax_case_is_called_as_is_and_its_first_call_is_the_compile_time():
         make_args=lambda: (np.ones(SHAPE, np.float32),),
         framework="torch",
     )
-    record = benchmarking.measure(case, FAST)
+    record = runner.measure(case, FAST)
     assert record["compile_s"] > 0 and record["memory"] is None
     assert record["time"]["repeats"] == 3 and len(calls) > 3
 
 
 def test_gpu_cases_add_cudnn_references(monkeypatch):
-    suite = benchmarking.load_suite()
     monkeypatch.setattr(suite, "_on_gpu", lambda: True)
     cases = suite.build_cases("quick")
     attention = [case for case in cases if case.group == "attention"]
@@ -333,7 +399,10 @@ def test_gpu_cases_add_cudnn_references(monkeypatch):
     )
     alibi = [case for case in cases if case.name.startswith("bias/alibi/")]
     assert alibi and all("cudnn" in dict(case.references) for case in alibi)
-    assert suite.attention_dtype() == jnp.bfloat16 and not suite.notes()
+    assert suite.attention_dtype() == jnp.bfloat16
+    # Only the torch group is left out on a GPU, and the notes say so.
+    assert suite.notes() == ["The torch comparison runs on the CPU backend only; it was not run."]
+    assert not suite.torch_cases("quick")
 
 
 # ------------------------------------------------------------------ tutorial baselines

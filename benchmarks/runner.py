@@ -18,35 +18,28 @@ whose peak is known, the fraction of that peak. Cases that share a `series` form
 curve over `size` (e.g. attention over sequence length L); the runner fits a power law
 `value ~ size^exponent` to their compiled memory and run time.
 
-The suite itself (which cases, the hand-written baselines) lives in the repository's
-`benchmarks/` folder; `jax-posenc bench` and `python benchmarks/run.py` both land in
-`run_from_args` here. Outputs go to `--out` (default `bench_out/`): `bench-<mode>.json`,
-`bench-<mode>.md` and `bench-<mode>.png`; `--section` turns the latest results file into
-the README's "Performance" section.
+`run_suite` returns the results document that `benchmarks.report` writes out; the cases
+are in `benchmarks.cases` and the command line (`python -m benchmarks`) in
+`benchmarks/__main__.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import importlib
 import importlib.metadata
-import json
 import math
 import os
 import platform
-import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from jax_posenc import _checks, _files
+from benchmarks import report
+from jax_posenc import _checks
 
 SCHEMA_VERSION = 1
 MODES = ("quick", "full")
@@ -526,14 +519,14 @@ def run_suite(
         raise ValueError(f"case names must be unique, got duplicates {duplicates}")
     env = environment(settings)
     peak = env["peak_bandwidth_bytes_per_s"]
-    log(f"jax-posenc bench ({mode}): {len(cases)} cases on {env['machine']}, JAX {env['jax']}")
+    log(f"benchmarks ({mode}): {len(cases)} cases on {env['machine']}, JAX {env['jax']}")
     start = time.perf_counter()
     records = []
     listed = set()
     for index, case in enumerate(cases, 1):
         record = measure(case, settings, peak=peak)
         elapsed = time.perf_counter() - start
-        log(f"[{index}/{len(cases)}, {elapsed:.0f} s] {_one_line(record)}")
+        log(f"[{index}/{len(cases)}, {elapsed:.0f} s] {report.one_line(record)}")
         for entry in record["references"].values():
             if entry["listed"] and entry["name"] not in listed:
                 listed.add(entry["name"])
@@ -553,374 +546,3 @@ def run_suite(
         "results": records,
         "fits": fit_series(records),
     }
-
-
-# ------------------------------------------------------------------ reporting
-
-
-def _ms(seconds: float) -> str:
-    milliseconds = seconds * 1e3
-    if milliseconds >= 100:
-        return f"{milliseconds:.0f}"
-    if milliseconds >= 1:
-        return f"{milliseconds:.2f}"
-    return f"{milliseconds:.3f}"
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:,.1f}"
-
-
-def _si(value: float) -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= scale:
-            return f"{value / scale:.3g} {prefix}"
-    return f"{value:.3g} "
-
-
-def _one_line(record: Mapping[str, Any]) -> str:
-    text = record["name"]
-    if "time" in record:
-        text += f": {_ms(record['time']['median_s'])} ms"
-    for label, ref in record.get("references", {}).items():
-        if "ratio" in ref:
-            text += f", {ref['ratio']:.2f}x {label}"
-    for key in ("skipped", "error"):
-        if key in record:
-            text += f" [{record[key]}]"
-    return text
-
-
-def _columns(records: Sequence[Mapping[str, Any]], compact: bool) -> list[tuple[str, Callable]]:
-    """The table columns that have a value for at least one record of a group."""
-
-    def time_cell(r):
-        if "time" not in r:
-            return r.get("skipped") or r.get("error") or ""
-        t = r["time"]
-        if compact:
-            return _ms(t["median_s"])
-        return f"{_ms(t['median_s'])} ({_ms(t['q25_s'])}-{_ms(t['q75_s'])})"
-
-    def memory_cell(r):
-        memory = r.get("memory")
-        return f"{_mib(memory['temp_bytes'])} / {_mib(memory['total_bytes'])}" if memory else ""
-
-    def bandwidth_cell(r):
-        if "bandwidth_bytes_per_s" not in r:
-            return ""
-        text = f"{r['bandwidth_bytes_per_s'] / 1e9:.1f}"
-        if "fraction_of_peak" in r:
-            text += f" ({100 * r['fraction_of_peak']:.0f}%)"
-        return text
-
-    columns: list[tuple[str, Callable]] = [("case", lambda r: f"`{r['name']}`")]
-    columns.append(("median ms" if compact else "median ms (IQR)", time_cell))
-    if not compact:
-        columns.append(("compile s", lambda r: f"{r['compile_s']:.2f}" if "compile_s" in r else ""))
-    if any(r.get("memory") for r in records):
-        columns.append(("temp / total MiB", memory_cell))
-    if any("bandwidth_bytes_per_s" in r for r in records):
-        columns.append(("GB/s", bandwidth_cell))
-    if any("flops_per_s" in r for r in records):
-        columns.append(("FLOP/s", lambda r: _si(r["flops_per_s"]) if "flops_per_s" in r else ""))
-    if any("items_per_s" in r for r in records):
-        columns.append(
-            (
-                "items/s",
-                lambda r: f"{r['items_per_s']:,.0f} {r['item_unit']}" if "items_per_s" in r else "",
-            )
-        )
-    ref_labels = list(dict.fromkeys(label for r in records for label in r.get("references", {})))
-    for label in ref_labels:
-
-        def ratio_cell(r, label=label):
-            ref = r.get("references", {}).get(label)
-            if not ref or "ratio" not in ref:
-                return ""
-            if compact:
-                return f"{ref['ratio']:.2f}"
-            return f"{ref['ratio']:.2f} ({_ms(ref['time']['median_s'])} ms)"
-
-        columns.append((f"÷ {label}", ratio_cell))
-    return columns
-
-
-def markdown_tables(document: Mapping[str, Any], *, compact: bool = False, level: int = 2) -> str:
-    """One markdown table per group, followed by that group's power-law fits."""
-    records = document["results"]
-    groups = list(dict.fromkeys(r["group"] for r in records))
-    hashes = "#" * level
-    parts = []
-    for group in groups:
-        members = [r for r in records if r["group"] == group]
-        columns = _columns(members, compact)
-        lines = [f"{hashes} {group}", ""]
-        if document.get("groups", {}).get(group):
-            lines += [document["groups"][group], ""]
-        lines.append("| " + " | ".join(title for title, _ in columns) + " |")
-        lines.append("|" + "---|" * len(columns))
-        for record in members:
-            lines.append("| " + " | ".join(str(cell(record)) for _, cell in columns) + " |")
-        fits = [fit for fit in document.get("fits", []) if fit["group"] == group]
-        if fits:
-            lines.append("")
-            for fit in fits:
-                sizes = ", ".join(str(size) for size in fit["sizes"])
-                lines.append(
-                    f"- `{fit['series']}`: {fit['quantity']} ~ size^{fit['exponent']:.2f} "
-                    f"(sizes {sizes}; largest deviation from the fit "
-                    f"{100 * fit['max_relative_deviation']:.0f}%)"
-                )
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
-
-
-def _provenance(document: Mapping[str, Any]) -> str:
-    env = document["environment"]
-    settings = document["settings"]
-    return (
-        f"Machine: {env['machine']}; JAX {env['jax']} (jaxlib {env['jaxlib']}), "
-        f"{env['device_count']} device(s), {document['mode']} run of {document['created']}, "
-        f"{document['wall_s']:.0f} s in all. Times are medians over up to "
-        f"{settings['repeats']} samples after {settings['warmup']} warm-up call(s), with "
-        "compilation excluded (reported as trace + compile seconds); `÷ ref` columns are "
-        "paired same-run time ratios case / reference (lower is better); memory is the "
-        "compiled program's temporaries / total (arguments + outputs + temporaries) from "
-        "`memory_analysis()`; GB/s is input + output bytes over the median time."
-    )
-
-
-def markdown_report(document: Mapping[str, Any]) -> str:
-    """The full results file in markdown: provenance, notes, every table."""
-    lines = [f"# jax_posenc benchmarks ({document['mode']})", "", _provenance(document), ""]
-    if document.get("notes"):
-        lines += [*(f"- {note}" for note in document["notes"]), ""]
-    return "\n".join(lines) + "\n" + markdown_tables(document)
-
-
-def performance_section(document: Mapping[str, Any]) -> str:
-    """The README's "Performance" section, generated from a results document."""
-    env = document["environment"]
-    command = "jax-posenc bench" + (" --quick" if document["mode"] == "quick" else "")
-    lines = [
-        "## Performance",
-        "",
-        f"Measured with `{command}` on {env['machine']}, JAX {env['jax']}, "
-        f"{document['created'][:10]}. Regenerate this section with "
-        "`jax-posenc bench --section` after a run; the full tables, with spreads and "
-        "compile times, are in `bench_out/`.",
-        "",
-        "Times are medians after warm-up, compilation excluded. `÷ ref` columns are "
-        "same-run time ratios case / reference measured in alternation (lower is "
-        "better): `copy` is a jitted copy of the same tensor (the memory-bandwidth floor), "
-        "`tutorial` the hand-written form from `benchmarks/tutorial.py`, `xla` plain "
-        "XLA attention. Memory is the compiled program's temporaries / total in MiB.",
-        "",
-    ]
-    if document.get("notes"):
-        lines += [*(f"- {note}" for note in document["notes"]), ""]
-    return "\n".join(lines) + "\n" + markdown_tables(document, compact=True, level=3)
-
-
-def plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Writes a 2x2 figure: ratios of memory-bound cases, memory and time over size, items/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = document["results"]
-    fig, axes = plt.subplots(2, 2, figsize=(15, 11))
-    ratio_axis, memory_axis, time_axis, items_axis = axes.ravel()
-
-    bound = [r for r in records if "bandwidth_bytes_per_s" in r and r.get("references")]
-    labels = list(dict.fromkeys(label for r in bound for label in r["references"]))
-    height = 0.8 / max(1, len(labels))
-    for index, label in enumerate(labels):
-        ratios = [r["references"].get(label, {}).get("ratio", np.nan) for r in bound]
-        positions = np.arange(len(bound)) + index * height
-        ratio_axis.barh(positions, ratios, height=height, label=f"÷ {label}")
-    ratio_axis.set_yticks(np.arange(len(bound)) + 0.4 - height / 2)
-    ratio_axis.set_yticklabels([r["name"] for r in bound], fontsize=6)
-    ratio_axis.axvline(1.0, color="black", linewidth=0.8)
-    ratio_axis.set_xscale("log")
-    ratio_axis.invert_yaxis()
-    ratio_axis.set_xlabel("time ratio case / reference (lower is better)")
-    ratio_axis.set_title("memory-bound encodings")
-    if labels:
-        ratio_axis.legend(fontsize=8)
-
-    fits = {(f["series"], f["quantity"]): f for f in document.get("fits", [])}
-    series = list(dict.fromkeys(r["series"] for r in records if r.get("series")))
-    for axis, quantity, unit in ((memory_axis, "memory", "MiB"), (time_axis, "time", "ms")):
-        for name in series:
-            members = sorted(
-                (r for r in records if r.get("series") == name), key=lambda r: r["size"]
-            )
-            if quantity == "memory":
-                points = [
-                    (r["size"], r["memory"]["total_bytes"] / 2**20)
-                    for r in members
-                    if r.get("memory")
-                ]
-            else:
-                points = [(r["size"], r["time"]["median_s"] * 1e3) for r in members if "time" in r]
-            if not points:
-                continue
-            fit = fits.get((name, quantity))
-            label = name + (f" (~size^{fit['exponent']:.2f})" if fit else "")
-            axis.loglog(*zip(*points, strict=True), marker="o", label=label)
-        axis.set_xlabel("size (sequence length)")
-        axis.set_ylabel(f"compiled {quantity} ({unit})" if quantity == "memory" else unit)
-        axis.set_title(f"{quantity} over size")
-        if series:
-            axis.legend(fontsize=6)
-
-    with_items = [r for r in records if "items_per_s" in r]
-    items_axis.barh([r["name"] for r in with_items], [r["items_per_s"] for r in with_items])
-    items_axis.invert_yaxis()
-    items_axis.tick_params(axis="y", labelsize=7)
-    unit = with_items[0]["item_unit"] if with_items else "items"
-    items_axis.set_xlabel(f"{unit} / s")
-    items_axis.set_title("throughput")
-
-    env = document["environment"]
-    fig.suptitle(f"jax_posenc bench ({document['mode']}): {env['machine']}, JAX {env['jax']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(document: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Writes `bench-<mode>.json`, `.md` and `.png` into `out_dir`; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench-{document['mode']}"
-    paths = {suffix: stem.with_suffix(f".{suffix}") for suffix in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(document, indent=1) + "\n")
-    paths["md"].write_text(markdown_report(document))
-    plot(document, paths["png"])
-    return paths
-
-
-def latest_results(out_dir: str | os.PathLike) -> Path:
-    """The results file `--section` reads: the full run if there is one, else the quick one."""
-    for mode in ("full", "quick"):
-        path = Path(out_dir) / f"bench-{mode}.json"
-        if path.exists():
-            return path
-    raise FileNotFoundError(
-        f"no bench-full.json or bench-quick.json in {out_dir}; run `jax-posenc bench` first"
-    )
-
-
-# ------------------------------------------------------------------ command line
-
-
-def find_suite_dir() -> Path:
-    """The repository's `benchmarks/` folder (next to the package, else in the cwd)."""
-    candidates = [Path(__file__).resolve().parents[1] / "benchmarks", Path.cwd() / "benchmarks"]
-    for candidate in candidates:
-        if (candidate / "cases.py").exists():
-            return candidate
-    raise FileNotFoundError(
-        "the benchmark suite (benchmarks/cases.py) ships with the source repository; "
-        f"looked in {', '.join(str(c) for c in candidates)}; pass --suite DIR"
-    )
-
-
-def load_suite(suite_dir: str | os.PathLike | None = None) -> Any:
-    """Imports `benchmarks.cases` from `suite_dir` (default: `find_suite_dir()`)."""
-    suite_dir = Path(suite_dir) if suite_dir else find_suite_dir()
-    root = str(suite_dir.resolve().parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"{suite_dir.name}.cases")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the `bench` options to `parser` (shared by the CLI and benchmarks/run.py)."""
-    parser.add_argument(
-        "--quick", action="store_true", help="small sizes and few repeats (minutes on a CPU)"
-    )
-    parser.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
-    parser.add_argument("--only", metavar="REGEX", help="run only cases whose name matches")
-    parser.add_argument("--list", action="store_true", help="list the cases and exit")
-    parser.add_argument("--repeats", type=int, help="timed samples per function")
-    parser.add_argument("--warmup", type=int, help="warm-up calls after compiling")
-    parser.add_argument(
-        "--peak-bandwidth", type=float, metavar="GB_PER_S", help="device peak for '%% of peak'"
-    )
-    parser.add_argument("--suite", metavar="DIR", help="the benchmarks/ folder to load cases from")
-    parser.add_argument(
-        "--section",
-        nargs="?",
-        const="",
-        metavar="RESULTS_JSON",
-        help="print the README 'Performance' section from a results file (default: the "
-        "latest in --out) and write it to <out>/performance.md; runs nothing",
-    )
-
-
-def _refuse(message: str) -> int:
-    print(f"jax-posenc bench: error: {message}", file=sys.stderr)
-    return 2
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Runs the suite (or prints the Performance section) as `args` ask.
-
-    Returns 2, writing nothing, when the arguments select nothing to run or read.
-    """
-    if args.section is not None:
-        try:
-            path = Path(args.section) if args.section else latest_results(args.out)
-            section = performance_section(_files.read_json(path))
-        except (FileNotFoundError, ValueError) as error:
-            return _refuse(str(error))
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "performance.md").write_text(section)
-        print(section)
-        return 0
-    mode = "quick" if args.quick else "full"
-    try:
-        settings = Settings.for_mode(
-            mode,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            peak_bandwidth=args.peak_bandwidth * 1e9 if args.peak_bandwidth else None,
-        )
-        pattern = re.compile(args.only) if args.only else None
-    except re.error as error:
-        return _refuse(f"--only {args.only!r} is not a regular expression: {error}")
-    except (TypeError, ValueError) as error:
-        return _refuse(str(error))
-    suite = load_suite(args.suite)
-    cases = suite.build_cases(mode)
-    if pattern is not None:
-        matched = [case for case in cases if pattern.search(case.name)]
-        if not matched:
-            quick = " --quick" if args.quick else ""
-            return _refuse(
-                f"--only {args.only!r} matches none of the {len(cases)} {mode} cases; "
-                f"`jax-posenc bench{quick} --list` lists them"
-            )
-        cases = matched
-    if args.list:
-        for case in cases:
-            refs = ", ".join(label for label, _ in case.references)
-            print(case.name + (f"  (÷ {refs})" if refs else ""))
-        return 0
-    document = run_suite(cases, settings, mode=mode, groups=suite.GROUPS, notes=suite.notes())
-    paths = write_outputs(document, args.out)
-    print(markdown_report(document))
-    print("wrote " + ", ".join(str(path) for path in paths.values()))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python benchmarks/run.py`."""
-    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))

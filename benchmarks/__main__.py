@@ -1,0 +1,118 @@
+"""`python -m benchmarks [--quick] [--only REGEX] [--list] ...`, from the repository root.
+
+Runs the cases of `benchmarks.cases` with `benchmarks.runner` and writes the reports of
+`benchmarks.report` to `--out` (default `bench_out/`): `bench-<mode>.json`,
+`bench-<mode>.md` and `bench-<mode>.png`. `--section` turns the latest results file into
+the README's "Performance" section instead of running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks import cases as suite
+from benchmarks import report, runner
+from jax_posenc import _files
+
+PROG = "python -m benchmarks"
+DESCRIPTION = (
+    "Times jax_posenc next to same-run baselines; writes JSON, markdown and a plot to --out."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the runner's options to `parser`."""
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few repeats (minutes on a CPU)"
+    )
+    parser.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
+    parser.add_argument("--only", metavar="REGEX", help="run only cases whose name matches")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--repeats", type=int, help="timed samples per function")
+    parser.add_argument("--warmup", type=int, help="warm-up calls after compiling")
+    parser.add_argument(
+        "--peak-bandwidth", type=float, metavar="GB_PER_S", help="device peak for '%% of peak'"
+    )
+    parser.add_argument(
+        "--section",
+        nargs="?",
+        const="",
+        metavar="RESULTS_JSON",
+        help="print the README 'Performance' section from a results file (default: the "
+        "latest in --out) and write it to <out>/performance.md; runs nothing",
+    )
+
+
+def _refuse(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _section(args: argparse.Namespace) -> int:
+    try:
+        path = Path(args.section) if args.section else report.latest_results(args.out)
+        section = report.performance_section(_files.read_json(path))
+    except (FileNotFoundError, ValueError) as error:
+        return _refuse(str(error))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "performance.md").write_text(section)
+    print(section)
+    return 0
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Runs the suite (or prints the Performance section) as `args` ask.
+
+    Returns 2, writing nothing, when the arguments select nothing to run or read.
+    """
+    if args.section is not None:
+        return _section(args)
+    mode = "quick" if args.quick else "full"
+    try:
+        settings = runner.Settings.for_mode(
+            mode,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            peak_bandwidth=args.peak_bandwidth * 1e9 if args.peak_bandwidth else None,
+        )
+        pattern = re.compile(args.only) if args.only else None
+    except re.error as error:
+        return _refuse(f"--only {args.only!r} is not a regular expression: {error}")
+    except (TypeError, ValueError) as error:
+        return _refuse(str(error))
+    cases = suite.build_cases(mode)
+    if pattern is not None:
+        matched = [case for case in cases if pattern.search(case.name)]
+        if not matched:
+            quick = " --quick" if args.quick else ""
+            return _refuse(
+                f"--only {args.only!r} matches none of the {len(cases)} {mode} cases; "
+                f"`{PROG}{quick} --list` lists them"
+            )
+        cases = matched
+    if args.list:
+        for case in cases:
+            refs = ", ".join(label for label, _ in case.references)
+            print(case.name + (f"  (÷ {refs})" if refs else ""))
+        return 0
+    document = runner.run_suite(
+        cases, settings, mode=mode, groups=suite.GROUPS, notes=suite.notes()
+    )
+    paths = report.write_outputs(document, args.out)
+    print(report.markdown_report(document))
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
