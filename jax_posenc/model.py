@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -43,7 +44,10 @@ class TransformerConfig:
 
     Attributes:
       encoding: registry name of the positional encoding, parts joined by "+"
-        (e.g. "rope", "none", "sinusoidal+alibi"); see `available_encodings()`.
+        (e.g. "rope", "none", "sinusoidal+alibi"); see `available_encodings()`. A layer
+        schedule part (`available_schedules()`) makes layers differ, e.g.
+        "rope+nope-every-4": RoPE, but every 4th layer without positions and with
+        Llama 4's query temperature.
       vocab_size: number of token ids (256 for bytes).
       d_model: width of the residual stream.
       num_layers: number of transformer blocks.
@@ -66,10 +70,17 @@ class TransformerConfig:
         `FrozenDict` (nested dicts, lists and arrays included) so the config can be a
         static argument of `jax.jit`; an entry for a name that is not a part of
         `encoding` raises.
+      layer_types: one name per layer, e.g. `("sliding_attention",) * 5 +
+        ("full_attention",)` as in Gemma 3's configs; None when all layers are alike.
+      layer_encoding_options: per layer type, options that replace those of
+        `encoding_options` on the layers of that type (a Gemma 3 local/global pair:
+        `{"sliding_attention": {"rope": {"base": 10000.0}}, "full_attention": {"rope":
+        {"base": 1e6, "scaling": {"rope_type": "linear", "factor": 8.0}}}}`).
       remat: recompute each block's activations in the backward pass (`nn.remat`),
         trading compute for memory in long-context training.
       scan_layers: run the blocks as one `nn.scan` over stacked parameters (one
         compiled block instead of `num_layers`; parameters gain a leading layer axis).
+        Layers must then be alike: no layer schedule and no `layer_types`.
     """
 
     encoding: str = "rope"
@@ -87,6 +98,8 @@ class TransformerConfig:
     block_size: int | None = None
     dtype: str = "float32"
     encoding_options: Any = None
+    layer_types: tuple[str, ...] | None = None
+    layer_encoding_options: Any = None
     remat: bool = False
     scan_layers: bool = False
 
@@ -119,6 +132,45 @@ class TransformerConfig:
             self.encoding_options, self.encoding, name="encoding_options"
         )
         object.__setattr__(self, "encoding_options", options)
+        self._check_layer_settings()
+
+    def _check_layer_settings(self) -> None:
+        """Validates and freezes `layer_types` and `layer_encoding_options`."""
+        types, by_type = self.layer_types, self.layer_encoding_options
+        if types is not None:
+            if isinstance(types, str) or len(types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types must name each of the num_layers={self.num_layers} layers, "
+                    f"got {types!r}"
+                )
+            if not all(isinstance(name, str) and name for name in types):
+                raise TypeError(f"layer_types must be non-empty strings, got {types!r}")
+            object.__setattr__(self, "layer_types", tuple(types))
+        if by_type is not None:
+            if types is None:
+                raise ValueError("layer_encoding_options needs layer_types")
+            if not isinstance(by_type, Mapping):
+                raise TypeError(f"layer_encoding_options must be a mapping, got {by_type!r}")
+            unknown = sorted(set(by_type) - set(types))
+            if unknown:
+                raise ValueError(
+                    f"layer_encoding_options for {unknown} name no layer type of "
+                    f"layer_types {sorted(set(types))}"
+                )
+            frozen = {
+                name: registry.freeze_options(
+                    options, self.encoding, name=f"layer_encoding_options[{name!r}]"
+                )
+                for name, options in by_type.items()
+            }
+            object.__setattr__(self, "layer_encoding_options", registry.freeze(frozen))
+        varies = types is not None or registry.has_layer_schedule(self.encoding)
+        if self.scan_layers and varies:
+            raise ValueError(
+                "scan_layers=True runs one block for every layer, but layer_types or the layer "
+                f"schedule of encoding {self.encoding!r} make layers differ; use "
+                "scan_layers=False"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -141,15 +193,27 @@ class TransformerConfig:
         """`encoding_options` as a dict of (frozen) dicts."""
         return {name: values for name, values in self.encoding_options.items()}
 
-    def encoding_spec(self) -> registry.EncodingSpec:
-        """The `EncodingSpec` every registry factory of this model receives."""
+    def layer_options(self, layer: int = 0) -> dict[str, dict[str, Any]]:
+        """The encoding options of one layer: `encoding_options`, updated part by part
+        by the `layer_encoding_options` of the layer's type."""
+        options = {name: dict(values) for name, values in self.encoding_options.items()}
+        if self.layer_types is not None and self.layer_encoding_options is not None:
+            overrides = self.layer_encoding_options.get(self.layer_types[layer], {})
+            for name, values in overrides.items():
+                options[name] = {**options.get(name, {}), **values}
+        return options
+
+    def encoding_spec(self, layer: int = 0) -> registry.EncodingSpec:
+        """The `EncodingSpec` the registry factories of layer `layer` receive."""
         return registry.EncodingSpec(
             d_model=self.d_model,
             num_heads=self.num_heads,
             head_dim=self.head_dim,
             max_positions=self.max_positions,
             causal=True,
-            options=self.options,
+            options=self.layer_options(layer),
+            layer=layer,
+            num_layers=self.num_layers,
         )
 
 
@@ -163,10 +227,11 @@ class SelfAttention(nn.Module):
     """Causal self-attention whose positional terms come from the registry.
 
     Positional submodules are named `<encoding>_<role>`, e.g. `rope_qk_transform`,
-    `t5_logit_bias`, `shaw_relative_terms`.
+    `t5_logit_bias`, `shaw_relative_terms`; `layer` picks the layer's settings.
     """
 
     config: TransformerConfig
+    layer: int = 0
 
     def setup(self):
         config = self.config
@@ -175,7 +240,7 @@ class SelfAttention(nn.Module):
         self.key = nn.DenseGeneral((config.kv_heads, config.head_dim), **dense)
         self.value = nn.DenseGeneral((config.kv_heads, config.head_dim), **dense)
         self.out = nn.DenseGeneral(config.d_model, axis=(-2, -1), **dense)
-        spec = config.encoding_spec()
+        spec = config.encoding_spec(self.layer)
         roles = []
         for part_name, role, module in registry.attention_modules(config.encoding, spec):
             setattr(self, f"{part_name}_{role}", module)
@@ -228,10 +293,11 @@ class Block(nn.Module):
     """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
 
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None):
-        x = x + SelfAttention(self.config, name="attention")(
+        x = x + SelfAttention(self.config, self.layer, name="attention")(
             _norm(self.config)(x), positions, segment_ids
         )
         return x + MLP(self.config, name="mlp")(_norm(self.config)(x))
@@ -282,7 +348,7 @@ class Transformer(nn.Module):
                 length=config.num_layers,
             )(config, name="layers")
         else:
-            self.layers = [block(config) for _ in range(config.num_layers)]
+            self.layers = [block(config, layer) for layer in range(config.num_layers)]
         self.final_norm = _norm(config)
         if not config.tie_embeddings:
             self.unembed = nn.Dense(config.vocab_size, dtype=config.compute_dtype, use_bias=False)

@@ -17,6 +17,12 @@ holds up to four factories, one per place a positional term can enter attention:
 Factories receive one `EncodingSpec` and are called once per attention layer (or once
 per model for the input embedding). Combinations are written with "+", e.g.
 "sinusoidal+alibi": the parts are resolved in order and their contributions stacked.
+
+A *layer schedule* is a part with `takes_layer(layer, num_layers)`: on the layers it
+takes, its own roles replace those of every other part; elsewhere it contributes
+nothing. "rope+nope-every-4" is RoPE with every 4th layer positionless and its queries
+scaled by a position-dependent temperature (Llama 4's iRoPE). Schedules are listed by
+`available_schedules()`, apart from the encodings they modify.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
@@ -93,6 +101,8 @@ class EncodingSpec:
       options: encoding-specific settings keyed by encoding name, e.g.
         {"rope": {"base": 500000.0, "scaling": LinearScaling(4.0)}}; each factory reads
         its own entry through `take_options` and unknown keys raise.
+      layer: index of the attention layer the modules are built for (0-based).
+      num_layers: number of attention layers of the model.
     """
 
     d_model: int
@@ -101,10 +111,16 @@ class EncodingSpec:
     max_positions: int
     causal: bool = True
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    layer: int = 0
+    num_layers: int = 1
 
     def __post_init__(self):
-        for name in ("d_model", "num_heads", "head_dim", "max_positions"):
+        for name in ("d_model", "num_heads", "head_dim", "max_positions", "num_layers"):
             _checks.check_positive_int(name, getattr(self, name))
+        if not 0 <= _checks.check_int("layer", self.layer) < self.num_layers:
+            raise ValueError(
+                f"layer must be in [0, num_layers={self.num_layers}), got {self.layer}"
+            )
         object.__setattr__(self, "options", freeze_options(self.options))
 
     def take_options(
@@ -138,7 +154,11 @@ Factory = Callable[[EncodingSpec], nn.Module]
 
 @dataclasses.dataclass(frozen=True)
 class Encoding:
-    """A named positional encoding and the parts of attention it contributes to."""
+    """A named positional encoding and the parts of attention it contributes to.
+
+    `takes_layer(layer, num_layers) -> bool` makes it a layer schedule (see the module
+    docstring): on the layers it takes, its roles replace those of the other parts.
+    """
 
     name: str
     description: str
@@ -147,6 +167,7 @@ class Encoding:
     logit_bias: Factory | None = None
     relative_terms: Factory | None = None
     causal_only: bool = False
+    takes_layer: Callable[[int, int], bool] | None = None
 
     @property
     def contributes(self) -> tuple[str, ...]:
@@ -168,14 +189,28 @@ def register(encoding: Encoding) -> Encoding:
 
 
 def attention_modules(encoding: str, spec: EncodingSpec) -> list[tuple[str, str, nn.Module]]:
-    """`(part name, role, module)` for every attention role of every part of `encoding`.
+    """`(part name, role, module)` for every attention role of the parts of `encoding`
+    that act on layer `spec.layer`.
 
     Roles are those of `jax_posenc._protocols.ROLES`, in the order of the parts; what a
     module contributes in its role is `_protocols.terms_of(role, module)`. Input
-    embeddings are not attention terms and are left out.
+    embeddings are not attention terms and are left out. A layer schedule that takes
+    this layer replaces the other parts; one that does not take it adds nothing.
     """
+    parts = resolve(encoding)
+    taking = [
+        part
+        for part in parts
+        if part.takes_layer is not None and part.takes_layer(spec.layer, spec.num_layers)
+    ]
+    if len(taking) > 1:
+        raise ValueError(
+            f"layer {spec.layer} is taken by more than one schedule of {encoding!r}: "
+            f"{[part.name for part in taking]}"
+        )
+    active = taking or [part for part in parts if part.takes_layer is None]
     modules = []
-    for part in resolve(encoding):
+    for part in active:
         for role in _protocols.ROLES:
             factory = getattr(part, role)
             if factory is not None:
@@ -183,17 +218,29 @@ def attention_modules(encoding: str, spec: EncodingSpec) -> list[tuple[str, str,
     return modules
 
 
+def has_layer_schedule(encoding: str) -> bool:
+    """Whether some part of `encoding` is a layer schedule (layers then differ)."""
+    return any(part.takes_layer is not None for part in resolve(encoding))
+
+
 def available_encodings() -> tuple[str, ...]:
-    """Names of all registered encodings, sorted."""
-    return tuple(sorted(_REGISTRY))
+    """Names of all registered encodings, sorted (layer schedules are listed apart)."""
+    return tuple(sorted(name for name, part in _REGISTRY.items() if part.takes_layer is None))
+
+
+def available_schedules() -> tuple[str, ...]:
+    """Names of the registered layer schedules, sorted; combine them with an encoding,
+    e.g. "rope+nope-every-4"."""
+    return tuple(sorted(name for name, part in _REGISTRY.items() if part.takes_layer is not None))
 
 
 def get_encoding(name: str) -> Encoding:
     """The encoding registered as `name`; raises ValueError listing the known names."""
     if name not in _REGISTRY:
         raise ValueError(
-            f"unknown encoding {name!r}; known encodings: {', '.join(available_encodings())} "
-            "(combine them with '+', e.g. 'sinusoidal+alibi')"
+            f"unknown encoding {name!r}; known encodings: {', '.join(available_encodings())}; "
+            f"layer schedules: {', '.join(available_schedules())} (combine them with '+', "
+            "e.g. 'sinusoidal+alibi', 'rope+nope-every-4')"
         )
     return _REGISTRY[name]
 
@@ -376,3 +423,65 @@ register(
         causal_only=True,
     )
 )
+
+
+# ---- layer schedules (iRoPE)
+
+
+def nope_temperature(
+    positions: jax.Array, *, floor_scale: float = 8192.0, attn_scale: float = 0.1
+) -> jax.Array:
+    """Llama 4's query temperature on its NoPE layers, float32, shaped like `positions`:
+    `1 + attn_scale * ln(floor((p + 1) / floor_scale) + 1)`.
+
+    It is 1 for the first `floor_scale - 1` positions and grows with the log of the
+    position in steps of `floor_scale`, sharpening attention over long contexts where
+    no position signal tells the keys apart.
+
+    References:
+      Meta, 2025, Llama 4 (`attn_temperature_tuning`, `floor_scale`, `attn_scale` in the
+        Llama 4 configs; the formula as in transformers' `Llama4TextAttention`).
+    """
+    floor_scale = _checks.check_positive_float("floor_scale", floor_scale)
+    if attn_scale < 0:
+        raise ValueError(f"attn_scale must be >= 0, got {attn_scale}")
+    steps = jnp.floor((jnp.asarray(positions, jnp.float32) + 1.0) / floor_scale)
+    return 1.0 + attn_scale * jnp.log1p(steps)
+
+
+class NopeTemperature(nn.Module):
+    """qk transform of a NoPE layer: queries times `nope_temperature(q_positions)`, keys
+    unchanged; `__call__(q, k, q_positions, k_positions=None)`. `attn_scale=0` is
+    plain NoPE."""
+
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+
+    def __call__(self, q, k, q_positions, k_positions=None):
+        rows = _checks.position_rows(
+            "q_positions", q_positions, length=q.shape[1], batch=q.shape[0]
+        )
+        scale = nope_temperature(rows, floor_scale=self.floor_scale, attn_scale=self.attn_scale)
+        scaled = q.astype(jnp.promote_types(q.dtype, jnp.float32)) * scale[:, :, None, None]
+        return scaled.astype(q.dtype), k
+
+
+def _nope_every(interval: int) -> Encoding:
+    name = f"nope-every-{interval}"
+
+    def temperature(spec: EncodingSpec) -> nn.Module:
+        return NopeTemperature(**spec.take_options(name, NopeTemperature))
+
+    return Encoding(
+        name=name,
+        description=(
+            f"Layer schedule (Llama 4 iRoPE): every {interval}th layer has no positional "
+            "terms and scales its queries by 1 + attn_scale * ln(floor((p+1) / floor_scale) "
+            "+ 1)."
+        ),
+        qk_transform=temperature,
+        takes_layer=lambda layer, num_layers: (layer + 1) % interval == 0,
+    )
+
+
+register(_nope_every(4))

@@ -80,7 +80,7 @@ from jax_posenc.model import (
     TransformerConfig,
 )
 
-DEFAULT_EVAL_TOKENS = 16_384
+DEFAULT_EVAL_TOKENS = 8192
 TASKS = ("lm", "recall")
 MODES = ("nonoverlapping", "sliding")
 MODE_TITLES = {"nonoverlapping": "non-overlapping windows", "sliding": "sliding windows"}
@@ -127,7 +127,7 @@ class StudyConfig:
       batch_size: sequences per training step.
       learning_rate: peak AdamW learning rate.
       eval_tokens: held-out bytes scored at every length and mode; 0 for the smallest
-        multiple of every evaluation length and the stride that is at least 16384.
+        multiple of every evaluation length and the stride that is at least 8192.
       attention: "xla" or "blockwise".
       dtype: compute dtype, "float32" or "bfloat16".
       seed: the first seed; model k uses `seed + k` for initialization and data order.
@@ -143,7 +143,7 @@ class StudyConfig:
 
     encodings: tuple[str, ...] = ()
     task: str = "lm"
-    steps: int = 500
+    steps: int = 400
     train_len: int = 64
     eval_lens: tuple[int, ...] = ()
     eval_stride: int = 0

@@ -1,16 +1,19 @@
 """Tests for the decoder-only transformer: causality, packing, implementations, registry use."""
 
 import dataclasses
+import json
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_rope import llama4_query_temperature
 
 import jax_posenc as pe
 from jax_posenc import registry
-from jax_posenc.model import Transformer, TransformerConfig
+from jax_posenc.model import SelfAttention, Transformer, TransformerConfig
 
 ENCODINGS = pe.available_encodings()
 # Combinations: an absolute part with two summed biases, and two summed relative terms.
@@ -268,3 +271,121 @@ def test_remat_and_scanned_layers_compute_the_same_logits_and_gradients(encoding
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_stacked
         )
+
+
+# ---------------------------------------------------------------- per-layer schedules
+
+
+def _positional_roles(config, params):
+    """`(role, submodule)` of each layer's attention, bound to the model's parameters."""
+    layers = []
+    for layer in range(config.num_layers):
+        variables = {"params": params["params"][f"layers_{layer}"]["attention"]}
+        attention = SelfAttention(config, layer).bind(variables)
+        layers.append(
+            [(role, getattr(attention, name)) for role, name in attention.positional_roles]
+        )
+    return layers
+
+
+def test_nope_every_4_layers_get_no_rotation_and_the_llama4_temperature():
+    config = tiny_config("rope+nope-every-4", num_layers=8)
+    _, params = init(config)
+    layers = _positional_roles(config, params)
+    for index, roles in enumerate(layers):
+        ((role, module),) = roles
+        assert role == "qk_transform"
+        nope = index in (3, 7)  # layers (i + 1) % 4 == 0, as Llama 4's no_rope_layers
+        assert isinstance(module, registry.NopeTemperature if nope else pe.RotaryEmbedding)
+
+    # On a NoPE layer keys are not rotated and queries are only scaled by the temperature.
+    positions = np.array([[0, 1, 8190, 8191, 16382, 16383, 10**6, 2**24]])
+    q = np.random.default_rng(0).standard_normal((1, 8, 4, 8)).astype(np.float32)
+    k = np.random.default_rng(1).standard_normal((1, 8, 2, 8)).astype(np.float32)
+    got_q, got_k = layers[3][0][1](q, k, positions, positions)
+    np.testing.assert_array_equal(got_k, k)
+    want = np.array([llama4_query_temperature(p) for p in positions[0]])
+    np.testing.assert_allclose(got_q, q * want[None, :, None, None], rtol=1e-6)
+    assert want[2] == 1.0 and want[3] > 1.0  # the first step at p + 1 = floor_scale
+    # Options reach the schedule's layers only.
+    options = {"nope-every-4": {"floor_scale": 4.0, "attn_scale": 0.5}}
+    config = tiny_config("rope+nope-every-4", num_layers=4, encoding_options=options)
+    module = _positional_roles(config, init(config)[1])[3][0][1]
+    got_q, _ = module(q, k, positions, positions)
+    want = [llama4_query_temperature(p, floor_scale=4.0, attn_scale=0.5) for p in positions[0]]
+    np.testing.assert_allclose(got_q, q * np.array(want)[None, :, None, None], rtol=1e-6)
+
+
+def test_schedules_are_listed_apart_and_refuse_scanned_layers():
+    assert "nope-every-4" in registry.available_schedules()
+    assert "nope-every-4" not in pe.available_encodings()
+    with pytest.raises(ValueError, match="scan_layers=True runs one block"):
+        tiny_config("rope+nope-every-4", scan_layers=True)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, num_layers=2\)"):
+        pe.EncodingSpec(d_model=8, num_heads=2, head_dim=4, max_positions=8, layer=2, num_layers=2)
+
+
+def test_layer_types_give_gemma3_local_and_global_rope():
+    types = ("sliding_attention",) * 2 + ("full_attention",)
+    by_type = {
+        "sliding_attention": {"rope": {"base": 10000.0}},
+        "full_attention": {
+            "rope": {"base": 1e6, "scaling": {"rope_type": "linear", "factor": 8.0}}
+        },
+    }
+    config = tiny_config("rope", num_layers=3, layer_types=types, layer_encoding_options=by_type)
+    assert hash(config) == hash(
+        tiny_config("rope", num_layers=3, layer_types=types, layer_encoding_options=by_type)
+    )
+    _, params = init(config)
+    rotations = [roles[0][1] for roles in _positional_roles(config, params)]
+    assert [r.base for r in rotations] == [10000.0, 10000.0, 1e6]
+    assert [r.scaling for r in rotations] == [None, None, pe.LinearScaling(8.0)]
+    # RopeSpec.from_hf_config gives the same pair from a real Gemma 3 config.
+    from hf_configs import CONFIGS
+
+    for layer_type, rotation in (
+        ("sliding_attention", rotations[0]),
+        ("full_attention", rotations[2]),
+    ):
+        spec = pe.RopeSpec.from_hf_config(CONFIGS["gemma-3-4b-it"], layer_type=layer_type)
+        assert (spec.base, spec.scaling) == (rotation.base, rotation.scaling)
+    tokens = jnp.ones((1, 6), jnp.int32)
+    assert np.all(np.isfinite(Transformer(config).apply(params, tokens)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"layer_types": ("full_attention",)}, "must name each of the num_layers=2 layers"),
+        ({"layer_encoding_options": {"full_attention": {}}}, "needs layer_types"),
+        (
+            {"layer_types": ("a", "b"), "layer_encoding_options": {"c": {"rope": {}}}},
+            r"layer_encoding_options for \['c'\] name no layer type",
+        ),
+        (
+            {"layer_types": ("a", "b"), "layer_encoding_options": {"a": {"alibi": {}}}},
+            r"layer_encoding_options\['a'\] for \['alibi'\] do not belong",
+        ),
+        ({"layer_types": ("a", "b"), "scan_layers": True}, "scan_layers=True runs one block"),
+    ],
+)
+def test_layer_settings_are_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config("rope", **overrides)
+
+
+def test_a_scheduled_encoding_trains_and_runs_in_the_study(tmp_path):
+    from jax_posenc import cli
+
+    tiny = [
+        "--steps", "3", "--train-len", "8", "--eval-lens", "8,16", "--d-model", "16",
+        "--layers", "4", "--heads", "2", "--batch-size", "4", "--train-bytes", "20000",
+        "--heldout-bytes", "5000", "--eval-tokens", "64", "--no-progress",
+    ]  # fmt: skip
+    out = tmp_path / "study"
+    assert cli.main(["study", "--encodings", "rope+nope-every-4", "--out", str(out), *tiny]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["encodings"]["rope+nope-every-4"]["runs"]
+    for losses in run["loss"].values():
+        assert all(0 < loss < math.log(256) + 1 for loss in losses.values())
