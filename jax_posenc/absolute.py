@@ -52,6 +52,15 @@ def sinusoidal_encoding(
 
     Returns:
       `[..., dim]` array of `dtype`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> table = pe.sinusoidal_encoding(jnp.arange(128), 64)
+      >>> table.shape
+      (128, 64)
+      >>> [round(float(value), 4) for value in table[1, :4]]  # sin 1, cos 1, sin w1, cos w1
+      [0.8415, 0.5403, 0.6816, 0.7318]
     """
     freqs = sinusoidal_frequencies(dim, base=base)
     _checks.check_choice("layout", layout, SINUSOIDAL_LAYOUTS)

@@ -322,6 +322,20 @@ class Transformer(nn.Module):
     """Decoder-only language model; see the module docstring and `TransformerConfig`.
 
     Call as `model.apply(params, tokens, positions=None, segment_ids=None)`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> config = pe.TransformerConfig("rope+alibi", d_model=32, num_layers=1, num_heads=2)
+      >>> model = pe.Transformer(config)
+      >>> tokens = jnp.zeros((2, 16), jnp.int32)
+      >>> params = jax.jit(model.init)(jax.random.key(0), tokens)
+      >>> apply = jax.jit(model.apply)
+      >>> apply(params, tokens).shape  # next-token logits [B, S, vocab_size]
+      (2, 16, 256)
+      >>> segment_ids = jnp.array([[1] * 10 + [2] * 6] * 2)  # two packed documents per row
+      >>> apply(params, tokens, segment_ids=segment_ids).shape
+      (2, 16, 256)
     """
 
     config: TransformerConfig

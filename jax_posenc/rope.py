@@ -398,6 +398,19 @@ def apply_rope(
 
     Returns:
       `[B, S, H, D]` array of `x.dtype`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 64))  # [B, S, H, D] each
+      >>> def score(q_position, k_position):
+      ...     q_rot = pe.apply_rope(q, jnp.array([q_position]))
+      ...     return jnp.sum(q_rot * pe.apply_rope(k, jnp.array([k_position])))
+      >>> bool(jnp.isclose(score(7, 3), score(1007, 1003), atol=1e-4))  # only q - k matters
+      True
+      >>> x = jnp.ones((2, 16, 4, 64))
+      >>> pe.apply_rope(x, jnp.arange(16), rotary_dim=32, scaling=pe.LinearScaling(4.0)).shape
+      (2, 16, 4, 64)
     """
     x = _check_activations("x", x)
     _check_layout(layout)

@@ -69,8 +69,13 @@ def test_command_help_shows_its_own_options(capsys):
         cli.main(["study", "--help"])
     assert "--encodings" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--help"])
-    assert "--quick" in capsys.readouterr().out
+        cli.main(["plot", "--help"])
+    assert "--study" in capsys.readouterr().out
+
+
+def test_bench_points_to_the_suite_in_the_repository(capsys):
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
 
 
 def test_command_without_the_study_extra_says_what_to_install():

@@ -283,6 +283,22 @@ def dot_product_attention(
 
     Returns:
       `[B, Lq, H, Dv]` in the dtype of `q`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 256, 4, 32))  # [B, L, H, D]
+      >>> slopes = pe.alibi_slopes(4)
+      >>> def alibi(q_positions, k_positions):  # called per block: no L x L array
+      ...     return pe.alibi_bias(q_positions, k_positions, slopes)
+      >>> out = pe.dot_product_attention(
+      ...     q, k, v, bias_fn=alibi, causal=True, implementation="blockwise", block_size=64
+      ... )
+      >>> reference = pe.dot_product_attention(
+      ...     q, k, v, bias_fn=alibi, causal=True, implementation="xla"
+      ... )
+      >>> out.shape, bool(jnp.allclose(out, reference, atol=1e-5))
+      ((1, 256, 4, 32), True)
     """
     check_attention_inputs(q, k, v)
     implementation = resolve_implementation(implementation, q.shape[1], k.shape[1])
