@@ -2,8 +2,9 @@
 
 `from_hf_rope_parameters` maps a config's `rope_scaling` / `rope_parameters` dict to a
 scaling spec and rejects keys it does not know. The base (`rope_theta`) and the rotated
-width (`head_dim * partial_rotary_factor`) are read from the config by the caller. The
-configs below are excerpts of published config.json files, inlined so nothing is
+width (`head_dim * partial_rotary_factor`) are read from the config by the caller, as
+below, or all at once by `RopeSpec.from_hf_config` (see the README's "Porting a model").
+The configs below are excerpts of published config.json files, inlined so nothing is
 downloaded; each port is checked against a float64 NumPy transcription of what
 transformers computes (`_compute_llama3_parameters`, `rotate_half`).
 
@@ -116,6 +117,10 @@ def main() -> None:
             f"{positions.max()}: max |diff| {error:.1e}"
         )
         assert error < 1e-5
+        # RopeSpec.from_hf_config reads the whole config in one call, to the same settings.
+        spec = pe.RopeSpec.from_hf_config(config)
+        assert (spec.base, spec.rotary_dim, spec.scaling) == tuple(settings.values())
+        print(f"  RopeSpec.from_hf_config agrees: {spec.layout} layout, head_dim {spec.head_dim}")
 
     # The same settings drive the Flax attention_fn and the model, as "rope" options.
     attention_fn = pe.make_attention_fn("rope", rope=rope_settings(LLAMA_3_1_8B))
