@@ -10,6 +10,8 @@ from jax_posenc._protocols import (
     PositionalTerms,
     QkTransform,
     RelativeTerms,
+    TokenBias,
+    TokenContext,
     combine,
 )
 from jax_posenc.absolute import (
@@ -41,6 +43,13 @@ from jax_posenc.bias import (
     kerple_constrain,
     t5_bias,
     t5_relative_position_bucket,
+)
+from jax_posenc.content import (
+    ForgettingGate,
+    forget_cumsum,
+    forgetting_bias,
+    forgetting_logit_bias,
+    log_forget_gates,
 )
 from jax_posenc.layers import EncodedAttention, make_attention_fn
 from jax_posenc.model import Transformer, TransformerConfig
@@ -97,6 +106,7 @@ __all__ = [
     "Encoding",
     "EncodingSpec",
     "FireBias",
+    "ForgettingGate",
     "KVCache",
     "KerpleBias",
     "LearnedEmbedding",
@@ -114,6 +124,8 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalEmbedding",
     "T5RelativePositionBias",
+    "TokenBias",
+    "TokenContext",
     "Transformer",
     "TransformerConfig",
     "TransformerXLRelativePosition",
@@ -135,12 +147,16 @@ __all__ = [
     "dot_product_attention",
     "dynamic_position_bias",
     "fire_bias",
+    "forget_cumsum",
+    "forgetting_bias",
+    "forgetting_logit_bias",
     "from_hf_rope_parameters",
     "get_encoding",
     "init_cache",
     "kerple_bias",
     "kerple_constrain",
     "learned_embedding_lookup",
+    "log_forget_gates",
     "make_attention_fn",
     "register",
     "relative_logits",

@@ -10,14 +10,19 @@ it one block at a time and never hold a `q_len x k_len` table it did not ask for
   `[B, S, H, D]` activations (RoPE, xPos).
 * `RelativeTerms`: terms that also read the content of the block in hand (Shaw,
   Transformer-XL).
+* `TokenBias`: a logit bias computed from per-token values of the query and key blocks
+  (`[B, H, L]` arrays such as the cumulative log forget gates of FoX), which attention
+  slices per block and differentiates like q and k, so the values may depend on content
+  and context.
 
 An encoding's parts are modules that play one *role* each (`ROLES`): a qk transform, a
-logit bias (`module.bias_fn()`) or relative terms (`module.terms()`). `terms_of` turns
-one module into `PositionalTerms`; `combine` merges several, as `optax.chain` merges
-transforms (qk transforms compose in order, biases and relative terms add up). The
-model and `make_attention_fn` both go through these two functions, and attention reads
-only the combined `PositionalTerms`: a new role touches this file and the attention
-core only.
+logit bias (`module.bias_fn()`), relative terms (`module.terms()`) or a token bias
+(`module.token_bias(context)`, reading the layer's tokens from a `TokenContext`).
+`terms_of` turns one module into `PositionalTerms`; `combine` merges several, as
+`optax.chain` merges transforms (qk transforms compose in order, biases, relative terms
+and token biases add up). The model and `make_attention_fn` both go through these two
+functions, and attention reads only the combined `PositionalTerms`: a new role touches
+this file and the attention core only.
 """
 
 from __future__ import annotations
@@ -88,6 +93,58 @@ class RelativeTerms(NamedTuple):
     content_bias: jax.Array | None = None
 
 
+class TokenBiasFn(Protocol):
+    """`fn(query_values, key_values) -> [B or 1, H or 1, bq, bk]` float32 logit bias.
+
+    The arguments are the blocks of `TokenBias.query_values` and `key_values` (same
+    pytree structure, each leaf `[B or 1, H or 1, bq or bk, ...]`). Attention calls it
+    once per block pair and differentiates it, so its gradient with respect to the
+    values is whatever `jax.vjp` of `fn` gives: for `q[..., :, None] - k[..., None, :]`
+    the row and column sums of the block's logit gradients.
+    """
+
+    def __call__(self, query_values: Any, key_values: Any) -> jax.Array: ...
+
+
+class TokenBias(NamedTuple):
+    """A logit bias that reads per-token values of the queries and keys.
+
+    `bias[b, h, i, j] = fn(query_values[..., i, ...], key_values[..., j, ...])`, evaluated
+    one block at a time. The values are ordinary (differentiable) arrays: attention
+    returns their gradients without forming a `Lq x Lk` array in the blockwise path, so
+    they may be computed from the content (FoX's cumulative log forget gates).
+
+    Attributes:
+      query_values: a pytree of float arrays `[B or 1, H or 1, Lq, ...]`, one entry per
+        query along axis 2.
+      key_values: a pytree of float arrays `[B or 1, H or 1, Lk, ...]`.
+      fn: a `TokenBiasFn`; it may close over arrays (their gradients are returned too).
+    """
+
+    query_values: Any
+    key_values: Any
+    fn: TokenBiasFn
+
+
+class TokenContext(NamedTuple):
+    """What a module in the `token_bias` role reads: the tokens and where they sit.
+
+    Attributes:
+      inputs: `[B, Lk, F]` features of each key token: the attention layer's input `x`
+        `[B, S, d_model]` in `jax_posenc.Transformer`; the projected keys flattened over
+        heads `[B, Lk, Hkv * D]` in `make_attention_fn`, which never sees `x`.
+      q_positions: int32 `[B or 1, Lq]`.
+      k_positions: int32 `[B or 1, Lk]`.
+      segment_ids: int32 `[B or 1, Lk]` document ids of the keys (packed sequences), or
+        None. When `Lq == Lk` the queries are the key tokens (self-attention).
+    """
+
+    inputs: jax.Array
+    q_positions: jax.Array
+    k_positions: jax.Array
+    segment_ids: jax.Array | None = None
+
+
 class PositionalTerms(NamedTuple):
     """Everything an encoding contributes to one attention call; any field may be None.
 
@@ -95,11 +152,13 @@ class PositionalTerms(NamedTuple):
       qk_transform: applied to the projected queries and keys before attention.
       bias_fn: the logit bias, a `BiasFn`.
       relative_terms: content-dependent `RelativeTerms`.
+      token_bias: a `TokenBias` over per-token values of queries and keys.
     """
 
     qk_transform: QkTransform | None = None
     bias_fn: BiasFn | None = None
     relative_terms: RelativeTerms | None = None
+    token_bias: TokenBias | None = None
 
     def transform(self, q, k, q_positions, k_positions) -> tuple[jax.Array, jax.Array]:
         """`(q, k)` after the qk transform (unchanged without one)."""
@@ -142,27 +201,53 @@ def sum_relative_terms(terms: Sequence[RelativeTerms | None]) -> RelativeTerms |
     )
 
 
+def sum_token_biases(biases: Sequence[TokenBias | None]) -> TokenBias | None:
+    """One `TokenBias` adding up several: their values side by side in a tuple."""
+    biases = [b for b in biases if b is not None]
+    if len(biases) <= 1:
+        return biases[0] if biases else None
+    fns = tuple(b.fn for b in biases)
+
+    def fn(query_values, key_values):
+        return sum(f(qv, kv) for f, qv, kv in zip(fns, query_values, key_values, strict=True))
+
+    return TokenBias(tuple(b.query_values for b in biases), tuple(b.key_values for b in biases), fn)
+
+
 def combine(parts: Sequence[PositionalTerms]) -> PositionalTerms:
     """The terms of several parts together: qk transforms compose in the given order,
-    logit biases and relative terms add up."""
+    logit biases, relative terms and token biases add up."""
     return PositionalTerms(
         qk_transform=_compose([part.qk_transform for part in parts]),
         bias_fn=sum_of([part.bias_fn for part in parts]),
         relative_terms=sum_relative_terms([part.relative_terms for part in parts]),
+        token_bias=sum_token_biases([part.token_bias for part in parts]),
     )
 
 
-# How a module playing each role contributes; the registry's `Encoding` has one factory
-# field per role (plus `input_embedding`, which is not an attention term).
-ROLES: dict[str, Callable[[Any], PositionalTerms]] = {
-    "qk_transform": lambda module: PositionalTerms(qk_transform=module),
-    "logit_bias": lambda module: PositionalTerms(bias_fn=module.bias_fn()),
-    "relative_terms": lambda module: PositionalTerms(relative_terms=module.terms()),
+def _token_bias(module: Any, context: TokenContext | None) -> PositionalTerms:
+    if not isinstance(context, TokenContext):
+        raise ValueError(
+            f"{type(module).__name__} plays the 'token_bias' role and reads the layer's "
+            f"tokens: terms_of needs a TokenContext, got {context!r}"
+        )
+    return PositionalTerms(token_bias=module.token_bias(context))
+
+
+# How a module playing each role contributes, given the layer's `TokenContext` (read by
+# the token bias only); the registry's `Encoding` has one factory field per role (plus
+# `input_embedding`, which is not an attention term).
+ROLES: dict[str, Callable[[Any, TokenContext | None], PositionalTerms]] = {
+    "qk_transform": lambda module, context: PositionalTerms(qk_transform=module),
+    "logit_bias": lambda module, context: PositionalTerms(bias_fn=module.bias_fn()),
+    "relative_terms": lambda module, context: PositionalTerms(relative_terms=module.terms()),
+    "token_bias": _token_bias,
 }
 
 
-def terms_of(role: str, module: Any) -> PositionalTerms:
-    """What `module`, playing `role`, contributes to attention."""
+def terms_of(role: str, module: Any, context: TokenContext | None = None) -> PositionalTerms:
+    """What `module`, playing `role`, contributes to attention; `context` holds the
+    tokens a `token_bias` module reads (the other roles ignore it)."""
     if role not in ROLES:
         raise ValueError(f"unknown positional role {role!r}; roles are {sorted(ROLES)}")
-    return ROLES[role](module)
+    return ROLES[role](module, context)

@@ -100,7 +100,13 @@ def make_attention_fn(
     `flax.nnx.MultiHeadAttention(attention_fn=...)`. In the order of the parts of
     `encoding` ("rope", "alibi", "rope+t5", ...), qk transforms (RoPE, xPos) rotate the
     projected queries and keys, logit biases (ALiBi, T5, KERPLE, FIRE, ...) are summed,
-    relative terms (Shaw, Transformer-XL) are added up, and `dot_product_attention` runs.
+    relative terms (Shaw, Transformer-XL) are added up, token biases (FoX) are computed
+    from the tokens, and `dot_product_attention` runs. Flax hands the attention_fn only
+    the projections, so a token bias reads each key token's projected keys flattened
+    over heads (`TokenContext.inputs` `[B, Lk, Hkv * D]`; FoX's gate is then a linear
+    function of the layer input through the key projection, not of the input itself as
+    in `jax_posenc.Transformer`). With `Lq != Lk` (decoding) the queries are placed by
+    their positions among the keys.
 
     Shapes: heads and head_dim come from the projected query at call time; an
     `EncodingSpec` is only needed to pin them (it is checked against the query).
@@ -227,9 +233,12 @@ def make_attention_fn(
             needed=is_causal or any(part.contributes for part in parts),
         )
         modules = registry.attention_modules(encoding, part_spec)
+        # A token bias (FoX) reads token features; Flax hands over only the projections,
+        # so it reads each key token's projected keys, flattened over heads.
+        context = _protocols.TokenContext(key.reshape(batch, k_len, -1), q_pos, k_pos, k_seg)
         try:
             terms = _protocols.combine(
-                [_protocols.terms_of(role, _bound(module)) for _, role, module in modules]
+                [_protocols.terms_of(role, _bound(m), context) for _, role, m in modules]
             )
             query, key = terms.transform(query, key, q_pos, k_pos)
         except _NO_PARAMETERS as error:
@@ -245,6 +254,7 @@ def make_attention_fn(
             value,
             bias_fn=terms.bias_fn,
             relative_terms=terms.relative_terms,
+            token_bias=terms.token_bias,
             q_positions=q_pos,
             k_positions=k_pos,
             mask=mask,

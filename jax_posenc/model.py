@@ -252,8 +252,13 @@ class SelfAttention(nn.Module):
     ) -> jax.Array:
         """`x` `[B, S, d_model]`, `positions` `[B or 1, S]` -> `[B, S, d_model]`."""
         q, k, v = self.query(x), self.key(x), self.value(x)
+        # A token bias (FoX's forget gates) reads the layer input x itself.
+        context = _protocols.TokenContext(x, positions, positions, segment_ids)
         terms = _protocols.combine(
-            [_protocols.terms_of(role, getattr(self, name)) for role, name in self.positional_roles]
+            [
+                _protocols.terms_of(role, getattr(self, name), context)
+                for role, name in self.positional_roles
+            ]
         )
         q, k = terms.transform(q, k, positions, positions)
         out = dot_product_attention(
@@ -262,6 +267,7 @@ class SelfAttention(nn.Module):
             v,
             bias_fn=terms.bias_fn,
             relative_terms=terms.relative_terms,
+            token_bias=terms.token_bias,
             q_positions=positions,
             k_positions=positions,
             causal=True,

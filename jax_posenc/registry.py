@@ -1,7 +1,7 @@
 """Encodings by name, each declaring what it contributes to a transformer.
 
 A model reads only this registry: it never special-cases an encoding. An `Encoding`
-holds up to four factories, one per place a positional term can enter attention:
+holds up to five factories, one per place a positional term can enter attention:
 
 * `input_embedding(spec) -> linen Module`, called as `module(positions) -> [B, S, d_model]`
   and added to the token embeddings (sinusoidal, learned).
@@ -13,6 +13,10 @@ holds up to four factories, one per place a positional term can enter attention:
 * `relative_terms(spec) -> linen Module` for terms that depend on content as well as
   positions (Shaw et al., Transformer-XL). Its `terms()` method returns a
   `jax_posenc.RelativeTerms` (`query_bias_fn`, `value_fn`).
+* `token_bias(spec) -> linen Module` for terms computed from the tokens themselves
+  (Forgetting Transformer). Its `token_bias(context)` method reads a
+  `jax_posenc.TokenContext` (the layer's token features, positions, segment ids) and
+  returns a `jax_posenc.TokenBias`.
 
 Factories receive one `EncodingSpec` and are called once per attention layer (or once
 per model for the input embedding). Combinations are written with "+", e.g.
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from jax_posenc import _checks, _protocols, absolute, bias, relative, rope, rope_scaling
+from jax_posenc import _checks, _protocols, absolute, bias, content, relative, rope, rope_scaling
 
 
 def freeze(value: Any) -> Any:
@@ -166,12 +170,13 @@ class Encoding:
     qk_transform: Factory | None = None
     logit_bias: Factory | None = None
     relative_terms: Factory | None = None
+    token_bias: Factory | None = None
     causal_only: bool = False
     takes_layer: Callable[[int, int], bool] | None = None
 
     @property
     def contributes(self) -> tuple[str, ...]:
-        parts = ("input_embedding", "qk_transform", "logit_bias", "relative_terms")
+        parts = ("input_embedding", "qk_transform", "logit_bias", "relative_terms", "token_bias")
         return tuple(part for part in parts if getattr(self, part) is not None)
 
 
@@ -485,3 +490,29 @@ def _nope_every(interval: int) -> Encoding:
 
 
 register(_nope_every(4))
+
+
+# ---- content-dependent positions (issue 16)
+
+
+def _fox(spec: EncodingSpec) -> nn.Module:
+    if not spec.causal:
+        raise ValueError(
+            "encoding 'fox' is causal-only (its bias c_i - c_j rewards keys after the "
+            "query); got an EncodingSpec with causal=False"
+        )
+    options = spec.take_options("fox", content.ForgettingGate, fixed=("num_heads",))
+    return content.ForgettingGate(spec.num_heads, **options)
+
+
+register(
+    Encoding(
+        name="fox",
+        description=(
+            "Forgetting Transformer: per-head data-dependent forget gates, logit bias "
+            "sum_{j<l<=i} log f_l (Lin et al., 2025)."
+        ),
+        token_bias=_fox,
+        causal_only=True,
+    )
+)

@@ -177,14 +177,15 @@ def test_outputs_and_all_gradients_equal_plain_grad_of_xla_under_every_transform
 
 
 def test_matrix_covers_every_attention_encoding_and_both_combinations():
-    assert {"alibi", "t5", "kerple", "fire", "dpb", "shaw", "transformer_xl", "rope", "xpos"} <= (
-        set(ENCODINGS)
-    )
+    assert {
+        "alibi", "t5", "kerple", "fire", "dpb", "shaw", "transformer_xl", "rope", "xpos", "fox",
+    } <= set(ENCODINGS)  # fmt: skip
     assert set(COMBINATIONS) <= set(ENCODINGS)
 
 
+@pytest.mark.parametrize("token_bias", [False, True], ids=["alibi", "alibi+fox"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_blockwise_under_shard_map_equals_unsharded(implementation):
+def test_blockwise_under_shard_map_equals_unsharded(implementation, token_bias):
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = jax.make_mesh((1,), ("data",))
@@ -193,11 +194,18 @@ def test_blockwise_under_shard_map_equals_unsharded(implementation):
         jax.device_put(_normal(seed, (BATCH, LENGTH, HEADS, DIM)), sharding) for seed in (1, 2, 3)
     )
     bias_fn = pe.AlibiBias(HEADS).bias_fn()
+    # FoX gates read the (sharded) keys; their weights are replicated.
+    gate = _normal(4, (HEADS * DIM, HEADS)) if token_bias else None
 
     def attend(q, k, v):
+        forget = None
+        if gate is not None:
+            log_forget = pe.log_forget_gates(k.reshape(*k.shape[:2], -1), gate, jnp.ones(HEADS))
+            forget = pe.forgetting_bias(log_forget)
         return pe.dot_product_attention(
-            q, k, v, bias_fn=bias_fn, causal=True, implementation=implementation, block_size=4
-        )
+            q, k, v, bias_fn=bias_fn, token_bias=forget, causal=True,
+            implementation=implementation, block_size=4,
+        )  # fmt: skip
 
     sharded = jax.shard_map(
         attend, mesh=mesh, in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data")

@@ -7,13 +7,13 @@ implementation runs it once over the whole matrix, the blockwise one per block p
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_posenc._protocols import BiasFn, RelativeTerms
+from jax_posenc._protocols import BiasFn, RelativeTerms, TokenBiasFn
 
 _F32 = jnp.float32
 
@@ -36,10 +36,11 @@ class Terms(NamedTuple):
     causal: bool
     bias_fn: BiasFn | None
     relative_terms: RelativeTerms | None
+    token_bias_fn: TokenBiasFn | None = None
 
 
 class Block(NamedTuple):
-    """The arrays of one (query block, key block) pair; any of the last five may be None."""
+    """The arrays of one (query block, key block) pair; any of the last seven may be None."""
 
     q: jax.Array  # [B, H, bq, D] (head-major inside this module, see `heads_first`)
     k: jax.Array  # [B, Hkv, bk, D]
@@ -50,6 +51,8 @@ class Block(NamedTuple):
     k_seg: jax.Array | None  # [B or 1, bk]
     mask: jax.Array | None  # [B or 1, H or 1, bq or 1, bk or 1]
     k_valid: jax.Array | None  # [bk], False on padding
+    q_values: Any = None  # TokenBias.query_values, leaves [B or 1, H or 1, bq, ...]
+    k_values: Any = None  # TokenBias.key_values, leaves [B or 1, H or 1, bk, ...]
 
 
 class Softmax(NamedTuple):
@@ -98,6 +101,10 @@ def _block_logits(block: Block, terms: Terms) -> tuple[jax.Array, jax.Array | No
     if terms.bias_fn is not None:
         bias = terms.bias_fn(block.q_pos, block.k_pos)
         check_broadcastable("bias_fn", bias, shape)
+        logits = logits + bias.astype(_F32)
+    if terms.token_bias_fn is not None:
+        bias = terms.token_bias_fn(block.q_values, block.k_values)
+        check_broadcastable("token_bias.fn", bias, shape)
         logits = logits + bias.astype(_F32)
     if relative.query_bias_fn is not None:
         bias = relative.query_bias_fn(

@@ -14,8 +14,10 @@ Two implementations share every formula (`_block.py`):
   backward grows linearly with the sequence length. Being a custom VJP, it supports
   reverse-mode differentiation (`jax.grad`, `jax.vjp`) but not forward mode (`jax.jvp`).
 
-Logits are `scale * (q + u) . k + bias_fn(q_pos, k_pos) + query_bias_fn(scale * q, ...)`
-(u: the optional content bias of `RelativeTerms`); the softmax runs in float32 and the
+Logits are `scale * (q + u) . k + bias_fn(q_pos, k_pos) + query_bias_fn(scale * q, ...)
++ token_bias.fn(query_values, key_values)` (u: the optional content bias of
+`RelativeTerms`; the token bias reads per-token values, sliced per block like q and k,
+and returns their gradients like those of q and k); the softmax runs in float32 and the
 output keeps the query's dtype. A query that may attend to nothing (fully masked row)
 returns zeros, with zero gradients, in both implementations.
 """
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_posenc import _checks
-from jax_posenc._protocols import BiasFn, RelativeTerms
+from jax_posenc._protocols import BiasFn, RelativeTerms, TokenBias
 from jax_posenc.attention._block import (
     Block,
     Terms,
@@ -100,6 +102,34 @@ def mask_as_rank4(mask, target: tuple[int, int, int, int]) -> jax.Array:
             f"mask must be broadcastable to [B, H, Lq, Lk] = {list(target)}, got {mask.shape}"
         )
     return mask
+
+
+def check_token_bias(token_bias, batch: int, heads: int, q_len: int, k_len: int) -> None:
+    """Raises unless `token_bias` is a `TokenBias` whose values fit the shapes."""
+    if not isinstance(token_bias, TokenBias):
+        raise TypeError(f"token_bias must be a TokenBias, got {token_bias!r}")
+    if not callable(token_bias.fn):
+        raise TypeError(f"token_bias.fn must be callable, got {token_bias.fn!r}")
+    for name, values, length in (
+        ("query_values", token_bias.query_values, q_len),
+        ("key_values", token_bias.key_values, k_len),
+    ):
+        leaves = jax.tree.leaves(values)
+        if not leaves:
+            raise ValueError(f"token_bias.{name} holds no array")
+        for leaf in leaves:
+            _checks.check_floating_array(f"token_bias.{name}", leaf)
+            shape = jnp.shape(leaf)
+            if (
+                len(shape) < 3
+                or shape[0] not in (1, batch)
+                or shape[1] not in (1, heads)
+                or shape[2] != length
+            ):
+                raise ValueError(
+                    f"token_bias.{name} arrays must have shape [B or 1, H or 1, L, ...] = "
+                    f"[{batch} or 1, {heads} or 1, {length}, ...], got {list(shape)}"
+                )
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -217,6 +247,7 @@ def dot_product_attention(
     *,
     bias_fn: BiasFn | None = None,
     relative_terms: RelativeTerms | None = None,
+    token_bias: TokenBias | None = None,
     q_positions: jax.Array | None = None,
     k_positions: jax.Array | None = None,
     mask: jax.Array | None = None,
@@ -229,7 +260,8 @@ def dot_product_attention(
     """Softmax attention whose positional terms are functions of positions.
 
     `logits[b, h, i, j] = scale * (q[b, i, h] + u[h]) . k[b, j, h // G]
-    + bias_fn(q_pos, k_pos)[b, h, i, j] + query_bias_fn(scale * q, q_pos, k_pos)[b, h, i, j]`
+    + bias_fn(q_pos, k_pos)[b, h, i, j] + query_bias_fn(scale * q, q_pos, k_pos)[b, h, i, j]
+    + token_bias.fn(query_values, key_values)[b, h, i, j]`
     where `G = H / Hkv` (grouped-query attention; `Hkv = H` is ordinary multi-head
     attention) and u is `relative_terms.content_bias` (zero when None). Positions where
     attention is not allowed are dropped from the softmax, and
@@ -268,6 +300,11 @@ def dot_product_attention(
         -> [B or 1, H or 1, bq, bk]` additive logit bias (ALiBi, T5, KERPLE, FIRE, ...).
       relative_terms: content-dependent terms, see `jax_posenc.RelativeTerms`; its
         `value_fn` must be linear in the weights and act on each query row separately.
+      token_bias: a `jax_posenc.TokenBias`: per-token query values `[B or 1, H or 1,
+        Lq, ...]`, key values `[B or 1, H or 1, Lk, ...]` and `fn` of a block of each
+        (Forgetting Transformer's `c_i - c_j`). Blockwise slices the values per block and
+        accumulates their gradients per block (for a difference: row and column sums of
+        the block's logit gradients), so no `Lq x Lk` array is formed.
       q_positions: integer `[Lq]` or `[B, Lq]`.
       k_positions: integer `[Lk]` or `[B, Lk]`.
       mask: boolean, broadcastable to `[B, H, Lq, Lk]`; True where attention is allowed.
@@ -311,6 +348,8 @@ def dot_product_attention(
         raise TypeError(f"relative_terms must be a RelativeTerms, got {relative_terms!r}")
     batch, q_len, heads, dim = q.shape
     k_len = k.shape[1]
+    if token_bias is not None:
+        check_token_bias(token_bias, batch, heads, q_len, k_len)
     content_bias = None if relative_terms is None else relative_terms.content_bias
     if content_bias is not None and jnp.shape(content_bias) != (heads, dim):
         raise ValueError(
@@ -335,11 +374,13 @@ def dot_product_attention(
         # Nothing to attend to (or nobody asking): empty output, or the zeros of rows
         # that may attend to no key, as for any fully masked row.
         return jnp.zeros((batch, q_len, heads, v.shape[-1]), q.dtype)
-    terms = Terms(scale, causal, bias_fn, relative_terms)
+    values = (None, None) if token_bias is None else token_bias[:2]
+    token_bias_fn = None if token_bias is None else token_bias.fn
+    terms = Terms(scale, causal, bias_fn, relative_terms, token_bias_fn)
     q, k, v = (heads_first(x) for x in (q, k, v))
     if implementation == "xla":
-        block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None)
+        block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *values)
         out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
     else:
-        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks)
+        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks, values)
     return heads_first(out).astype(q.dtype)

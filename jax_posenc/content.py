@@ -1,0 +1,214 @@
+"""Positions that depend on content or context.
+
+The Forgetting Transformer (FoX) replaces position encodings by a data-dependent decay:
+each head computes a forget gate per token, `f_t = sigmoid(w_h . x_t + b_h)`, and
+attention logits get `D_ij = sum_{l=j+1..i} log f_l` for `j <= i`. With the cumulative
+sum `c = cumsum(log f)` this is `c_i - c_j`: a `jax_posenc.TokenBias` whose per-token
+values are `c`, so attention evaluates it block by block and returns the gradients of
+`c` (hence of the gate parameters) without an `L x L` array.
+
+Packed documents: with segment ids the cumulative sum restarts at every segment start.
+Attention never crosses segments, so the logits are the same either way, but the
+restart keeps `c` small, and `c_i - c_j` of two large float32 numbers loses digits:
+after `n` tokens `|c|` is up to `n * max|log f|`, and the bias carries an absolute error
+of about `|c| * 6e-8` (0.005 for `|c| = 8e4`), as in the reference implementation.
+
+References:
+  Lin et al., 2025, Forgetting Transformer: Softmax Attention with a Forget Gate (ICLR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_posenc import _checks
+from jax_posenc._protocols import TokenBias, TokenContext
+
+_F32 = jnp.float32
+
+
+def log_forget_gates(inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """`log f = log_sigmoid(x . w_h + b_h)` per head, float32 `[B, H, S]`.
+
+    Args:
+      inputs: `[B, S, F]` token features x.
+      kernel: `[F, H]` gate weights w (one column per head).
+      bias: `[H]` gate biases b.
+    """
+    _checks.check_rank("inputs", inputs, 3)
+    _checks.check_rank("kernel", kernel, 2)
+    if kernel.shape[0] != inputs.shape[-1] or jnp.shape(bias) != (kernel.shape[1],):
+        raise ValueError(
+            f"kernel must be [F, H] and bias [H] for inputs [B, S, F]; got inputs "
+            f"{inputs.shape}, kernel {kernel.shape}, bias {jnp.shape(bias)}"
+        )
+    logits = jnp.einsum("bsf,fh->bhs", inputs.astype(_F32), kernel.astype(_F32))
+    return jax.nn.log_sigmoid(logits + bias.astype(_F32)[:, None])
+
+
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """Bool `[B or 1, S]`: True at the first token of every run of equal ids."""
+    ids = _checks.position_rows("segment_ids", segment_ids)
+    first = jnp.ones((ids.shape[0], 1), bool)
+    return jnp.concatenate([first, ids[:, 1:] != ids[:, :-1]], axis=1)
+
+
+def forget_cumsum(log_forget: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`c_t = sum of log f_l over l <= t` in t's segment, float32 `[B, H, S]`.
+
+    Args:
+      log_forget: `[B, H, S]` log forget gates.
+      segment_ids: optional integer `[S]` or `[B or 1, S]` document ids; the sum restarts
+        at 0 at every segment start (a segmented scan, not a difference of cumulative
+        sums, so nothing cancels).
+    """
+    log_forget = _checks.check_floating_array("log_forget", log_forget).astype(_F32)
+    _checks.check_rank("log_forget", log_forget, 3)
+    if segment_ids is None:
+        return jnp.cumsum(log_forget, axis=-1)
+    starts = segment_starts(segment_ids)
+    if starts.shape[-1] != log_forget.shape[-1]:
+        raise ValueError(
+            f"segment_ids must have the length of log_forget ({log_forget.shape[-1]}), "
+            f"got {starts.shape}"
+        )
+    starts = jnp.broadcast_to(starts[:, None, :], log_forget.shape)
+
+    def add_within_segments(left, right):
+        (left_sum, left_start), (right_sum, right_start) = left, right
+        return jnp.where(right_start, right_sum, left_sum + right_sum), left_start | right_start
+
+    cumsum, _ = lax.associative_scan(add_within_segments, (log_forget, starts), axis=2)
+    return cumsum
+
+
+def forgetting_logit_bias(query_cumsum: jax.Array, key_cumsum: jax.Array) -> jax.Array:
+    """`D_ij = c_i - c_j`, `[B, H, Lq, Lk]` from `[B, H, Lq]` and `[B, H, Lk]`.
+
+    A `jax_posenc.TokenBiasFn`: attention calls it per block, and its gradient is the
+    row sum (for the queries) and minus the column sum (for the keys) of the block's
+    logit gradients. Meaningful under a causal mask only (for `j > i` it is a reward).
+    """
+    return query_cumsum[..., :, None] - key_cumsum[..., None, :]
+
+
+def cumsum_at_positions(
+    key_cumsum: jax.Array, k_positions: jax.Array, q_positions: jax.Array
+) -> jax.Array:
+    """The key cumulative sums read at the query positions, `[B, H, Lq]`.
+
+    For queries that are not the key tokens (a query after a KV cache, `Lq != Lk`):
+    query i takes `c` of the last key with `k_pos <= q_pos[i]`, which is its own token
+    in self-attention over a cache, and 0 when there is none. Key positions must be
+    ascending along each row.
+    """
+    q_positions, k_positions = _checks.check_position_pair(q_positions, k_positions)
+    batch = max(key_cumsum.shape[0], q_positions.shape[0], k_positions.shape[0])
+    q_rows = jnp.broadcast_to(q_positions, (batch, q_positions.shape[1]))
+    k_rows = jnp.broadcast_to(k_positions, (batch, k_positions.shape[1]))
+    last = jax.vmap(lambda k, q: jnp.searchsorted(k, q, side="right"))(k_rows, q_rows) - 1
+    rows = jnp.broadcast_to(key_cumsum, (batch, *key_cumsum.shape[1:]))
+    index = jnp.broadcast_to(jnp.maximum(last, 0)[:, None, :], (*rows.shape[:2], last.shape[1]))
+    return jnp.where(last[:, None, :] >= 0, jnp.take_along_axis(rows, index, axis=2), 0.0)
+
+
+def forgetting_bias(
+    log_forget: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    q_positions: jax.Array | None = None,
+    k_positions: jax.Array | None = None,
+) -> TokenBias:
+    """FoX's `TokenBias` from the keys' log forget gates, for `dot_product_attention`.
+
+    Args:
+      log_forget: `[B, H, Lk]` log forget gates of the key tokens (`log_forget_gates`).
+      segment_ids: optional `[B or 1, Lk]` document ids (the cumulative sum restarts).
+      q_positions, k_positions: only when the queries are not the key tokens
+        (`Lq != Lk`, e.g. decoding after a cache): see `cumsum_at_positions`.
+
+    Returns:
+      `TokenBias(c_q, c_k, forgetting_logit_bias)`; use it with `causal=True`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> x = jax.random.normal(jax.random.key(0), (1, 64, 32))  # layer input [B, S, F]
+      >>> q = k = v = jax.random.normal(jax.random.key(1), (1, 64, 4, 8))
+      >>> log_f = pe.log_forget_gates(x, 0.1 * jnp.ones((32, 4)), jnp.full((4,), 2.0))
+      >>> out = pe.dot_product_attention(
+      ...     q, k, v, token_bias=pe.forgetting_bias(log_f), causal=True, block_size=16
+      ... )
+      >>> out.shape
+      (1, 64, 4, 8)
+    """
+    key_cumsum = forget_cumsum(log_forget, segment_ids)
+    query_cumsum = key_cumsum
+    if q_positions is not None or k_positions is not None:
+        if q_positions is None or k_positions is None:
+            raise ValueError("give both q_positions and k_positions, or neither")
+        query_cumsum = cumsum_at_positions(key_cumsum, k_positions, q_positions)
+    return TokenBias(query_cumsum, key_cumsum, forgetting_logit_bias)
+
+
+class ForgettingGate(nn.Module):
+    """FoX's per-head forget gate: parameters `kernel` `[F, H]` and `bias` `[H]`.
+
+    The gate reads the features of each token (`TokenContext.inputs`): the attention
+    layer's input `x` `[B, S, d_model]` in `jax_posenc.Transformer`, as in the paper.
+    Inside Flax's attention layers (`make_attention_fn`) the input is not visible, so the
+    gate reads the token's projected keys `[B, S, Hkv * D]` instead: still a linear
+    function of `x` (through the key projection), with `F = Hkv * D` gate weights.
+
+    Initialisation follows the reference implementation: weights normal(0.02), biases
+    zero (every gate starts near `sigmoid(0) = 1/2`).
+
+    Attributes:
+      num_heads: number of query heads H.
+      kernel_init: initializer of the `[F, H]` weights.
+      bias_init: initializer of the `[H]` biases.
+    """
+
+    num_heads: int
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def token_bias(self, context: TokenContext) -> TokenBias:
+        """The `TokenBias` of one attention call (the `token_bias` role)."""
+        num_heads = _checks.check_positive_int("num_heads", self.num_heads)
+        inputs = _checks.check_floating_array("inputs", context.inputs)
+        _checks.check_rank("inputs", inputs, 3)
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], num_heads), _F32)
+        bias = self.param("bias", self.bias_init, (num_heads,), _F32)
+        log_forget = log_forget_gates(inputs, kernel, bias)
+        q_len = jnp.shape(context.q_positions)[-1]
+        if q_len == inputs.shape[1]:  # self-attention: the queries are the key tokens
+            return forgetting_bias(log_forget, context.segment_ids)
+        return forgetting_bias(
+            log_forget,
+            context.segment_ids,
+            q_positions=context.q_positions,
+            k_positions=context.k_positions,
+        )
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        q_positions: jax.Array | None = None,
+        k_positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The materialized bias `[B, H, Lq, Lk]` for key tokens `inputs` `[B, Lk, F]`
+        (positions default to `arange(Lk)`, queries being the key tokens)."""
+        default = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None]
+        k_positions = default if k_positions is None else k_positions
+        q_positions = k_positions if q_positions is None else q_positions
+        context = TokenContext(inputs, q_positions, k_positions, segment_ids)
+        terms = self.token_bias(context)
+        return terms.fn(terms.query_values, terms.key_values)

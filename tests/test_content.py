@@ -1,0 +1,353 @@
+"""Positions that depend on content or context: the token-bias protocol and FoX."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.extend import core as jex_core
+from reference_content import (
+    causal_allowed,
+    forget_gates_reference,
+    forgetting_bias_reference,
+    fox_attention_reference,
+    numerical_gradient,
+)
+
+import jax_posenc as pe
+from jax_posenc import _protocols, content
+
+IMPLEMENTATIONS = ("xla", "blockwise")
+
+
+def _normal(seed, shape, scale=1.0):
+    return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _cotangent(shape):
+    return jnp.sin(jnp.arange(np.prod(shape), dtype=jnp.float32)).reshape(shape)
+
+
+def _relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def _dot_bias(weights):
+    """A token bias with pytree values, a feature axis and a closed-over parameter."""
+
+    def fn(query_values, key_values):
+        (q_features,), (k_features, k_scalar) = query_values, key_values
+        dots = jnp.einsum("bhqf,bhkf->bhqk", q_features, k_features)
+        return weights[None, :, None, None] * dots + k_scalar[..., None, :]
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("q_len", "k_len", "causal"), [(13, 13, True), (7, 11, False)], ids=["self", "cross"]
+)
+def test_token_bias_blockwise_matches_xla_with_every_gradient(q_len, k_len, causal):
+    batch, heads, kv_heads, dim = 2, 4, 2, 8
+    q = _normal(0, (batch, q_len, heads, dim))
+    k, v = _normal(1, (batch, k_len, kv_heads, dim)), _normal(2, (batch, k_len, kv_heads, dim))
+    q_features = _normal(3, (batch, heads, q_len, 3))
+    k_features = _normal(4, (1, heads, k_len, 3))  # broadcast over the batch
+    k_scalar = _normal(5, (batch, 1, k_len))  # broadcast over the heads
+    weights = _normal(6, (heads,))
+    kwargs = {"causal": causal}
+    if not causal:
+        kwargs["mask"] = np.random.default_rng(7).random((batch, 1, q_len, k_len)) > 0.3
+        kwargs["q_positions"] = 3 + np.arange(q_len, dtype=np.int32)
+
+    def loss(q, k, v, q_features, k_features, k_scalar, weights, implementation):
+        bias = pe.TokenBias((q_features,), (k_features, k_scalar), _dot_bias(weights))
+        out = pe.dot_product_attention(
+            q, k, v, token_bias=bias, implementation=implementation, block_size=(4, 3), **kwargs
+        )
+        return (out * _cotangent(out.shape)).sum(), out
+
+    args = (q, k, v, q_features, k_features, k_scalar, weights)
+    grad = jax.grad(loss, argnums=tuple(range(7)), has_aux=True)
+    want = grad(*args, "xla")
+    got = jax.jit(grad, static_argnums=7)(*args, "blockwise")
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert got_leaf.shape == want_leaf.shape
+        assert _relative_error(got_leaf, want_leaf) < 2e-5
+    # Every value, broadcast or not, receives a gradient.
+    assert all(float(jnp.abs(g).max()) > 1e-3 for g in want[0][3:])
+
+
+def test_token_bias_gradients_are_the_row_and_column_sums_of_the_logit_gradients():
+    q = k = v = _normal(0, (1, 16, 2, 4))
+    c_q, c_k = _normal(1, (1, 2, 16)), _normal(2, (1, 2, 16))
+
+    def attend(c_q, c_k, extra_bias, implementation):
+        bias = pe.TokenBias(c_q, c_k, content.forgetting_logit_bias)
+        out = pe.dot_product_attention(
+            q, k, v, token_bias=bias, bias_fn=extra_bias, causal=True,
+            implementation=implementation, block_size=4,
+        )  # fmt: skip
+        return (out * _cotangent(out.shape)).sum()
+
+    d_c_q, d_c_k = jax.grad(attend, (0, 1))(c_q, c_k, None, "blockwise")
+    # The materialized logit gradient, as the gradient of an added zero bias.
+    d_logits = jax.grad(lambda z: attend(c_q, c_k, lambda qp, kp: z, "xla"))(
+        jnp.zeros((1, 2, 16, 16))
+    )
+    np.testing.assert_allclose(d_c_q, d_logits.sum(-1), atol=1e-6)
+    np.testing.assert_allclose(d_c_k, -d_logits.sum(-2), atol=1e-6)
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """The size of the largest array any equation of `jaxpr` (or its sub-jaxprs) makes."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            largest = max(largest, _largest_intermediate(sub))
+    return largest
+
+
+def test_blockwise_token_bias_and_its_gradients_never_form_a_length_squared_array():
+    length, block = 256, 16
+    q = k = v = _normal(0, (1, length, 1, 4))
+    x = _normal(1, (1, length, 4))
+
+    def loss(q, k, v, kernel, bias):
+        token_bias = pe.forgetting_bias(pe.log_forget_gates(x, kernel, bias))
+        out = pe.dot_product_attention(
+            q, k, v, token_bias=token_bias, causal=True, implementation="blockwise",
+            block_size=block,
+        )  # fmt: skip
+        return out.sum()
+
+    args = (q, k, v, _normal(2, (4, 1)), jnp.zeros((1,)))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+    assert _largest_intermediate(jaxpr.jaxpr) < length * length // 8
+
+
+def test_token_biases_add_up_when_combined():
+    first = pe.TokenBias(
+        jnp.ones((1, 1, 2)), 2 * jnp.ones((1, 1, 3)), content.forgetting_logit_bias
+    )
+    second = pe.TokenBias(
+        jnp.zeros((1, 1, 2)), jnp.ones((1, 1, 3)), lambda qv, kv: qv[..., None] * kv[..., None, :]
+    )
+    terms = pe.combine(
+        [pe.PositionalTerms(token_bias=first), pe.PositionalTerms(token_bias=second)]
+    )
+    combined = terms.token_bias
+    bias = combined.fn(combined.query_values, combined.key_values)
+    np.testing.assert_array_equal(bias, np.full((1, 1, 2, 3), -1.0))
+
+
+def test_token_bias_arguments_are_checked():
+    q = k = v = jnp.zeros((1, 5, 2, 4))
+    good = jnp.zeros((1, 2, 5))
+    with pytest.raises(TypeError, match="token_bias must be a TokenBias"):
+        pe.dot_product_attention(q, k, v, token_bias=(good, good, lambda a, b: a))
+    with pytest.raises(ValueError, match=r"token_bias.key_values arrays must have shape"):
+        pe.dot_product_attention(q, k, v, token_bias=pe.TokenBias(good, good[..., :4], print))
+    with pytest.raises(TypeError, match=r"token_bias\.query_values"):
+        bad = pe.TokenBias(jnp.zeros((1, 2, 5), jnp.int32), good, print)
+        pe.dot_product_attention(q, k, v, token_bias=bad)
+    with pytest.raises(ValueError, match=r"token_bias\.fn must return an array broadcastable"):
+        bias = pe.TokenBias(good, good, lambda qv, kv: qv)
+        pe.dot_product_attention(q, k, v, token_bias=bias, implementation="xla")
+
+
+def test_a_token_bias_module_needs_the_layers_tokens():
+    gate = pe.ForgettingGate(2)
+    with pytest.raises(ValueError, match="reads the layer's tokens: terms_of needs a TokenContext"):
+        _protocols.terms_of("token_bias", gate)
+
+
+# ---------------------------------------------------------------- FoX against float64
+
+
+FOX_SEGMENTS = np.array([[0] * 5 + [1] * 8, [3] * 13], np.int32)
+
+
+def _fox_case():
+    batch, length, heads, kv_heads, dim, features = 2, 13, 4, 2, 8, 6
+    q = _normal(10, (batch, length, heads, dim))
+    k, v = _normal(11, (batch, length, kv_heads, dim)), _normal(12, (batch, length, kv_heads, dim))
+    x = _normal(13, (batch, length, features))
+    kernel, bias = _normal(14, (features, heads), 0.5), _normal(15, (heads,)) + 1.0
+    return q, k, v, x, kernel, bias
+
+
+def _fox_loss(implementation, segment_ids):
+    def loss(q, k, v, x, kernel, bias):
+        token_bias = pe.forgetting_bias(pe.log_forget_gates(x, kernel, bias), segment_ids)
+        out = pe.dot_product_attention(
+            q, k, v, token_bias=token_bias, causal=True, segment_ids=segment_ids,
+            implementation=implementation, block_size=(4, 3),
+        )  # fmt: skip
+        return (out * _cotangent(out.shape)).sum(), out
+
+    return loss
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_fox_matches_the_float64_formula_with_gate_parameter_gradients(implementation, packed):
+    q, k, v, x, kernel, bias = _fox_case()
+    segment_ids = FOX_SEGMENTS if packed else None
+    loss = _fox_loss(implementation, segment_ids)
+    grads, out = jax.jit(jax.grad(loss, argnums=(3, 4, 5), has_aux=True))(q, k, v, x, kernel, bias)
+
+    arrays = [np.asarray(a, np.float64) for a in (q, k, v, x, kernel, bias)]
+    cotangent = np.asarray(_cotangent(out.shape), np.float64)
+
+    def reference_loss(x, kernel, bias):
+        want = fox_attention_reference(*arrays[:3], x, kernel, bias, segment_ids)
+        return float((want * cotangent).sum())
+
+    want_out = fox_attention_reference(*arrays, segment_ids)
+    assert _relative_error(out, want_out) < 2e-6
+    want_kernel = numerical_gradient(lambda w: reference_loss(arrays[3], w, arrays[5]), arrays[4])
+    want_bias = numerical_gradient(lambda b: reference_loss(arrays[3], arrays[4], b), arrays[5])
+    assert _relative_error(grads[1], want_kernel) < 2e-5
+    assert _relative_error(grads[2], want_bias) < 2e-5
+    # The gate's input gets its gradient too (checked on one token's features).
+    want_x = numerical_gradient(
+        lambda row: reference_loss(_with_row(arrays[3], (1, 7), row), arrays[4], arrays[5]),
+        arrays[3][1, 7],
+    )
+    assert _relative_error(grads[0][1, 7], want_x) < 2e-5
+
+
+def _with_row(x, index, row):
+    x = x.copy()
+    x[index] = row
+    return x
+
+
+def test_forget_cumsum_restarts_at_each_segment_and_gives_the_pairwise_sums():
+    log_forget = jax.nn.log_sigmoid(_normal(20, (2, 3, 13)))
+    want = forgetting_bias_reference(log_forget, FOX_SEGMENTS)
+    cumsum = pe.forget_cumsum(log_forget, FOX_SEGMENTS)
+    np.testing.assert_allclose(cumsum[0, :, 5], log_forget[0, :, 5], rtol=1e-6)  # restarted
+    got = np.asarray(content.forgetting_logit_bias(cumsum, cumsum))
+    allowed = np.broadcast_to(causal_allowed(13, FOX_SEGMENTS), want.shape)
+    np.testing.assert_allclose(got[allowed], want[allowed], atol=2e-6)
+
+
+def test_forgetting_gate_module_materializes_the_reference_bias():
+    x = _normal(21, (2, 9, 5))
+    gate = pe.ForgettingGate(3)
+    params = gate.init(jax.random.key(0), x)["params"]
+    assert {name: p.shape for name, p in params.items()} == {"kernel": (5, 3), "bias": (3,)}
+    params = {"kernel": _normal(22, (5, 3)), "bias": _normal(23, (3,))}
+    got = gate.apply({"params": params}, x)
+    log_forget = forget_gates_reference(x, params["kernel"], params["bias"])
+    want = forgetting_bias_reference(log_forget)
+    allowed = np.broadcast_to(causal_allowed(9), want.shape)
+    np.testing.assert_allclose(np.asarray(got)[allowed], want[allowed], atol=3e-6)
+
+
+def test_a_query_after_its_keys_reads_the_cumsum_at_its_own_position():
+    """Decoding: one query at position t over all keys gives row t of the full pass."""
+    length = 11
+    q, k, v = (_normal(seed, (1, length, 2, 4)) for seed in (30, 31, 32))
+    log_forget = jax.nn.log_sigmoid(_normal(33, (1, 2, length)))
+    positions = jnp.arange(length, dtype=jnp.int32)
+    full = pe.dot_product_attention(
+        q, k, v, token_bias=pe.forgetting_bias(log_forget), causal=True, implementation="xla"
+    )
+    for t in (0, 6, length - 1):
+        bias = pe.forgetting_bias(
+            log_forget, q_positions=positions[t : t + 1], k_positions=positions
+        )
+        for implementation in IMPLEMENTATIONS:
+            one = pe.dot_product_attention(
+                q[:, t : t + 1], k, v, token_bias=bias, causal=True,
+                q_positions=positions[t : t + 1], implementation=implementation, block_size=4,
+            )  # fmt: skip
+            np.testing.assert_allclose(one[:, 0], full[:, t], atol=2e-6)
+    before = pe.forgetting_bias(log_forget, q_positions=[-1], k_positions=positions)
+    np.testing.assert_array_equal(before.query_values, 0.0)  # no key at or before it
+
+
+# ---------------------------------------------------------------- registry, layers, model
+
+
+def test_fox_is_registered_as_a_causal_only_token_bias():
+    encoding = pe.get_encoding("fox")
+    assert encoding.contributes == ("token_bias",) and encoding.causal_only
+    spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=32, causal=False)
+    with pytest.raises(ValueError, match="'fox' is causal-only"):
+        pe.registry.attention_modules("fox", spec)
+    roles = pe.registry.attention_modules("fox+rope", dataclasses.replace(spec, causal=True))
+    assert [(name, role) for name, role, _ in roles] == [
+        ("fox", "token_bias"),
+        ("rope", "qk_transform"),
+    ]
+
+
+def test_fox_inside_flax_attention_reads_the_projected_keys():
+    layer = nn.MultiHeadDotProductAttention(
+        num_heads=4, qkv_features=32, attention_fn=pe.make_attention_fn("fox", block_size=4)
+    )
+    x = _normal(40, (2, 10, 16))
+    mask = nn.make_causal_mask(x[..., 0])
+    params = layer.init(jax.random.key(0), x, mask=mask)["params"]
+    gate = params["ForgettingGate_0"]
+    assert gate["kernel"].shape == (32, 4) and gate["bias"].shape == (4,)  # [Hkv * D, H]
+    gate = {"kernel": _normal(41, (32, 4)), "bias": _normal(42, (4,))}
+    params = {**params, "ForgettingGate_0": gate}
+    got = layer.apply({"params": params}, x, mask=mask)
+
+    def project(name, inputs):
+        kernel = params[name]["kernel"]
+        return jnp.einsum("bsf,fhd->bshd", inputs, kernel) + params[name]["bias"]
+
+    q, k, v = (project(name, x) for name in ("query", "key", "value"))
+    log_forget = pe.log_forget_gates(k.reshape(2, 10, 32), gate["kernel"], gate["bias"])
+    out = pe.dot_product_attention(
+        q, k, v, token_bias=pe.forgetting_bias(log_forget), causal=True, implementation="xla"
+    )
+    want = jnp.einsum("bshd,hdf->bsf", out, params["out"]["kernel"]) + params["out"]["bias"]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("encoding", ["fox", "fox+rope"])
+def test_a_tiny_model_with_fox_learns(encoding):
+    config = pe.TransformerConfig(
+        encoding=encoding, d_model=32, num_layers=1, num_heads=2, max_positions=32,
+        attention="blockwise", block_size=8,
+    )  # fmt: skip
+    model = pe.Transformer(config)
+    # A repeating pattern with packed documents: predictable only from the context.
+    tokens = jnp.asarray(np.tile(np.arange(8), (4, 4))[:, :32] * 7 % 256, jnp.int32)
+    segment_ids = jnp.asarray([[0] * 16 + [1] * 16] * 4, jnp.int32)
+    params = model.init(jax.random.key(0), tokens)
+    optimizer = optax.adam(1e-2)
+
+    def loss_fn(params):
+        logits = model.apply(params, tokens[:, :-1], segment_ids=segment_ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss, grads
+
+    state = optimizer.init(params)
+    losses = []
+    for _ in range(25):
+        params, state, loss, grads = step(params, state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+    gate_grads = jax.tree.leaves(grads["params"]["layers_0"]["attention"]["fox_token_bias"])
+    assert all(float(jnp.abs(g).max()) > 0 for g in gate_grads)
