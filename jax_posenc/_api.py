@@ -50,6 +50,7 @@ from jax_posenc.content import (
     forgetting_bias,
     forgetting_logit_bias,
     log_forget_gates,
+    randomized_positions,
 )
 from jax_posenc.layers import EncodedAttention, make_attention_fn
 from jax_posenc.model import Transformer, TransformerConfig
@@ -158,6 +159,7 @@ __all__ = [
     "learned_embedding_lookup",
     "log_forget_gates",
     "make_attention_fn",
+    "randomized_positions",
     "register",
     "relative_logits",
     "resolve",

@@ -13,8 +13,16 @@ restart keeps `c` small, and `c_i - c_j` of two large float32 numbers loses digi
 after `n` tokens `|c|` is up to `n * max|log f|`, and the bias carries an absolute error
 of about `|c| * 6e-8` (0.005 for `|c| = 8e4`), as in the reference implementation.
 
+Randomized positions depend on the context of training instead: `randomized_positions`
+draws each training sequence's positions as a sorted random subset of a range larger
+than the sequence, so every position the model will meet at longer test lengths has
+been seen in training, and any position-based encoding (RoPE, ALiBi, T5, learned, ...)
+can use them through the model's `positions=` argument.
+
 References:
   Lin et al., 2025, Forgetting Transformer: Softmax Attention with a Forget Gate (ICLR).
+  Ruoss et al., 2023, Randomized Positional Encodings Boost Length Generalization of
+    Transformers (ACL).
 """
 
 from __future__ import annotations
@@ -212,3 +220,43 @@ class ForgettingGate(nn.Module):
         context = TokenContext(inputs, q_positions, k_positions, segment_ids)
         terms = self.token_bias(context)
         return terms.fn(terms.query_values, terms.key_values)
+
+
+def randomized_positions(
+    key: jax.Array, batch_size: int, seq_len: int, max_range: int
+) -> jax.Array:
+    """Sorted, distinct positions drawn uniformly from `[0, max_range)`, int32 `[B, S]`.
+
+    Each row is an independent uniformly random `seq_len`-subset of the range, sorted
+    (Ruoss et al., 2023): training on these, a model meets every position up to
+    `max_range` while training on short sequences. `max_range` should be at least the
+    longest length the model will be evaluated at; evaluate with positions drawn the
+    same way (in training the model never saw consecutive positions only). With a
+    learned table, `max_positions` must be at least `max_range`.
+
+    Args:
+      key: a PRNG key.
+      batch_size: rows B.
+      seq_len: positions per row S.
+      max_range: size of the range to draw from, `>= seq_len` and at most 2^31; each
+        row draws a permutation of it, so time and memory grow as `B * max_range`.
+
+    Example:
+      >>> import jax
+      >>> import jax_posenc as pe
+      >>> pe.randomized_positions(jax.random.key(0), 2, 4, 100).shape
+      (2, 4)
+    """
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
+    seq_len = _checks.check_positive_int("seq_len", seq_len)
+    max_range = _checks.check_positive_int("max_range", max_range)
+    if not seq_len <= max_range <= 2**31:
+        raise ValueError(
+            f"max_range must be in [seq_len, 2^31] = [{seq_len}, {2**31}], got {max_range}"
+        )
+
+    def row(row_key):
+        subset = jax.random.choice(row_key, max_range, (seq_len,), replace=False)
+        return jnp.sort(subset.astype(jnp.int32))
+
+    return jax.vmap(row)(jax.random.split(key, batch_size))

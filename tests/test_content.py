@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.extend import core as jex_core
 from reference_content import (
     causal_allowed,
@@ -351,3 +353,80 @@ def test_a_tiny_model_with_fox_learns(encoding):
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
     gate_grads = jax.tree.leaves(grads["params"]["layers_0"]["attention"]["fox_token_bias"])
     assert all(float(jnp.abs(g).max()) > 0 for g in gate_grads)
+
+
+# ---------------------------------------------------------------- randomized positions
+
+
+@settings(max_examples=15)
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.integers(1, 12),
+    extra=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_randomized_positions_are_sorted_distinct_and_in_range(batch, seq_len, extra, seed):
+    max_range = seq_len + extra
+    positions = np.asarray(pe.randomized_positions(jax.random.key(seed), batch, seq_len, max_range))
+    assert positions.shape == (batch, seq_len) and positions.dtype == np.int32
+    assert np.all(np.diff(positions, axis=1) > 0)  # sorted and distinct
+    assert positions.min() >= 0 and positions.max() < max_range
+    if extra == 0:
+        np.testing.assert_array_equal(
+            positions, np.broadcast_to(np.arange(seq_len), positions.shape)
+        )
+
+
+def test_randomized_positions_are_a_uniform_subset():
+    rows, seq_len, max_range = 4000, 4, 16
+    positions = np.asarray(
+        jax.jit(pe.randomized_positions, static_argnums=(1, 2, 3))(
+            jax.random.key(0), rows, seq_len, max_range
+        )
+    )
+    # Every value is in a uniform subset with probability S / N.
+    counts = np.bincount(positions.ravel(), minlength=max_range)
+    expected = rows * seq_len / max_range
+    spread = np.sqrt(rows * (seq_len / max_range) * (1 - seq_len / max_range))
+    assert np.abs(counts - expected).max() < 5 * spread
+    # The k-th smallest of a uniform S-subset of [0, N) has mean (k + 1)(N + 1)/(S + 1) - 1.
+    order_means = (np.arange(1, seq_len + 1) * (max_range + 1) / (seq_len + 1)) - 1
+    np.testing.assert_allclose(positions.mean(0), order_means, atol=0.15)
+    # Rows differ: all C(16, 4) = 1820 subsets are about equally likely.
+    assert len({tuple(row) for row in positions}) > 1000
+
+
+def test_randomized_positions_check_their_arguments():
+    with pytest.raises(ValueError, match=r"max_range must be in \[seq_len, 2\^31\]"):
+        pe.randomized_positions(jax.random.key(0), 1, 8, 4)
+    with pytest.raises(ValueError, match="seq_len"):
+        pe.randomized_positions(jax.random.key(0), 1, 0, 4)
+
+
+@pytest.mark.parametrize("encoding", ["rope", "learned+alibi"])
+def test_a_tiny_model_learns_with_randomized_positions(encoding):
+    config = pe.TransformerConfig(
+        encoding=encoding, d_model=32, num_layers=1, num_heads=2, max_positions=256
+    )
+    model = pe.Transformer(config)
+    tokens = jnp.asarray(np.tile(np.arange(8), (4, 4))[:, :32] * 7 % 256, jnp.int32)
+    params = model.init(jax.random.key(0), tokens)
+    optimizer = optax.adam(1e-2)
+
+    def loss_fn(params, positions):
+        logits = model.apply(params, tokens[:, :-1], positions=positions)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, state, key):
+        positions = pe.randomized_positions(key, 4, 31, 256)  # a new draw every step
+        loss, grads = jax.value_and_grad(loss_fn)(params, positions)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = optimizer.init(params)
+    losses = []
+    for key in jax.random.split(jax.random.key(1), 25):
+        params, state, loss = step(params, state, key)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-3:]) < 0.5 * losses[0]
