@@ -56,14 +56,17 @@ FAMILY_COLOURS = {
     "rotary": "#d62728",
     "bias": "#2ca02c",
     "relative": "#9467bd",
+    "content": "#ff7f0e",
     "none": "#222222",
     "combined": "#8c564b",
+    "other": "#7f7f7f",
 }
 _ROLE_FAMILIES = {
     "input_embedding": "absolute",
     "qk_transform": "rotary",
     "logit_bias": "bias",
     "relative_terms": "relative",
+    "token_bias": "content",
 }
 _LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
 _MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -76,7 +79,7 @@ def family(encoding: str) -> str:
     if len(parts) > 1:
         return "combined"
     roles = parts[0].contributes
-    return _ROLE_FAMILIES[roles[0]] if roles else "none"
+    return _ROLE_FAMILIES.get(roles[0], "other") if roles else "none"
 
 
 def encoding_styles(encodings: list[str]) -> dict[str, dict[str, Any]]:
@@ -643,12 +646,54 @@ def _plot_qk_transform(encoding, path, sizes, trained) -> Path:
     return _save(figure, path)
 
 
+def _plot_token_bias(encoding, path, sizes, trained) -> Path:
+    """A bias computed from the tokens (FoX): for one random layer input, per head."""
+    module = _module(encoding, "token_bias", sizes)
+    inputs = jax.random.normal(jax.random.key(1), (1, sizes.length, sizes.d_model))
+    variables = _variables(module, trained, "token_bias", inputs)
+    curves = np.asarray(module.apply(variables, inputs))[0, :, -1, ::-1]
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    for head, colour in enumerate(_head_colours(sizes.heads)):
+        axes.plot(np.arange(sizes.length), curves[head], color=colour, label=f"head {head}")
+    _mark_training_length(axes, sizes.train_len)
+    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+    axes.set_ylabel("logit bias", fontsize=_FONT)
+    axes.legend(fontsize=_FONT - 1)
+    axes.grid(alpha=0.3)
+    axes.tick_params(labelsize=_FONT)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        "the bias depends on the tokens in between: shown for one random layer input "
+        f"(N(0, 1) features); {_caption(trained, True)}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+def _plot_unknown(encoding, path, sizes, trained) -> Path:
+    """An encoding whose role the gallery has no picture for: its description."""
+    entry = registry.get_encoding(encoding)
+    figure = _figure(figsize=(7.5, 2.0))
+    figure.text(
+        0.5,
+        0.5,
+        f"{encoding}: {entry.description}\nroles {', '.join(entry.contributes)}: "
+        "the gallery has no picture for them yet",
+        ha="center",
+        va="center",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
 _SPECIAL = {"none": _plot_nope, "rope": _plot_rope, "xpos": _plot_xpos}
 _BY_ROLE = {
     "qk_transform": _plot_qk_transform,
     "logit_bias": _plot_bias,
     "relative_terms": _plot_relative,
     "input_embedding": _plot_input_embedding,
+    "token_bias": _plot_token_bias,
 }
 
 
@@ -671,7 +716,7 @@ def plot_encoding(
     if encoding in _SPECIAL:
         return _SPECIAL[encoding](encoding, path, sizes, trained)
     roles = registry.get_encoding(encoding).contributes
-    plot = _BY_ROLE[roles[0]] if roles else _plot_nope
+    plot = _BY_ROLE.get(roles[0], _plot_unknown) if roles else _plot_nope
     return plot(encoding, path, sizes, trained)
 
 
@@ -756,18 +801,14 @@ def plot_rope_scalings(
 
 
 _STUDY_KEYS = ("heads", "d_model", "eval_lens", "train_len")
-_ROLE_PATHS = {
-    "input_embedding": lambda params, name: params.get(f"{name}_input_embedding"),
-    "logit_bias": lambda params, name: (
-        params.get("layers_0", {}).get("attention", {}).get(f"{name}_logit_bias")
-    ),
-    "relative_terms": lambda params, name: (
-        params.get("layers_0", {}).get("attention", {}).get(f"{name}_relative_terms")
-    ),
-    "qk_transform": lambda params, name: (
-        params.get("layers_0", {}).get("attention", {}).get(f"{name}_qk_transform")
-    ),
-}
+
+
+def _role_params(params: Mapping[str, Any], encoding: str, role: str):
+    """The variables of `encoding`'s `role` module in a `Transformer`'s params (layer 0
+    for the attention roles), or None."""
+    if role == "input_embedding":
+        return params.get(f"{encoding}_input_embedding")
+    return params.get("layers_0", {}).get("attention", {}).get(f"{encoding}_{role}")
 
 
 def _study_record(study_dir: Path) -> dict[str, Any]:
@@ -820,7 +861,7 @@ def _trained(study_dir: Path, encoding: str, record: Mapping[str, Any]):
         params = state["params"]["params"]
         variables = {}
         for role in registry.get_encoding(encoding).contributes:
-            found = _ROLE_PATHS[role](params, encoding)
+            found = _role_params(params, encoding, role)
             if found:
                 variables[role] = found
         caption = (
