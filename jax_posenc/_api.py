@@ -6,6 +6,8 @@ name here: its import and its entry in `__all__`.
 """
 
 from jax_posenc._protocols import (
+    AlternateLogits,
+    AlternateQk,
     BiasFn,
     PositionalTerms,
     QkTransform,
@@ -46,11 +48,14 @@ from jax_posenc.bias import (
 )
 from jax_posenc.content import (
     ForgettingGate,
+    SelfExtendRotaryEmbedding,
     forget_cumsum,
     forgetting_bias,
     forgetting_logit_bias,
     log_forget_gates,
     randomized_positions,
+    self_extend_positions,
+    self_extend_select,
 )
 from jax_posenc.layers import EncodedAttention, make_attention_fn
 from jax_posenc.model import Transformer, TransformerConfig
@@ -100,6 +105,8 @@ from jax_posenc.rope_spec import RopeSpec
 
 __all__ = [
     "AlibiBias",
+    "AlternateLogits",
+    "AlternateQk",
     "BiasFn",
     "DynamicNTKScaling",
     "DynamicPositionBias",
@@ -123,6 +130,7 @@ __all__ = [
     "RelativeTerms",
     "RopeSpec",
     "RotaryEmbedding",
+    "SelfExtendRotaryEmbedding",
     "SinusoidalEmbedding",
     "T5RelativePositionBias",
     "TokenBias",
@@ -167,6 +175,8 @@ __all__ = [
     "rope_frequencies",
     "rope_layout_permutation",
     "segment_positions",
+    "self_extend_positions",
+    "self_extend_select",
     "shaw_query_bias",
     "shaw_value_term",
     "sinusoidal_encoding",

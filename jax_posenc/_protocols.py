@@ -14,6 +14,9 @@ it one block at a time and never hold a `q_len x k_len` table it did not ask for
   (`[B, H, L]` arrays such as the cumulative log forget gates of FoX), which attention
   slices per block and differentiates like q and k, so the values may depend on content
   and context.
+* `AlternateQk`: a second positioning of q and k whose content logits replace the usual
+  ones on the pairs a position rule selects (SelfExtend: grouped positions for distant
+  keys). A qk-transform module offers it through an `alternate()` method.
 
 An encoding's parts are modules that play one *role* each (`ROLES`): a qk transform, a
 logit bias (`module.bias_fn()`), relative terms (`module.terms()`) or a token bias
@@ -145,6 +148,42 @@ class TokenContext(NamedTuple):
     segment_ids: jax.Array | None = None
 
 
+class PairSelectFn(Protocol):
+    """`select(q_positions [B or 1, bq], k_positions [B or 1, bk]) -> bool [B or 1, 1, bq, bk]`."""
+
+    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array: ...
+
+
+class AlternateQk(NamedTuple):
+    """A second positioning of the queries and keys, used where `select` holds.
+
+    On the pairs `select(q_pos, k_pos)` picks, the content logit `scale * q . k` becomes
+    `scale * q2 . k2` with `(q2, k2) = transform(q, k, q_positions, k_positions)` of the
+    same projections (SelfExtend: RoPE at grouped positions beyond a neighbour window).
+
+    Attributes:
+      transform: a `QkTransform` giving the alternate `(q2, k2)`.
+      select: a `PairSelectFn`.
+    """
+
+    transform: QkTransform
+    select: PairSelectFn
+
+
+class AlternateLogits(NamedTuple):
+    """What attention reads of an `AlternateQk`: the transformed arrays and the rule.
+
+    Attributes:
+      q: `[B, Lq, H, D]` alternate queries.
+      k: `[B, Lk, Hkv, D]` alternate keys.
+      select: a `PairSelectFn`; True where `scale * q . k` of these arrays is used.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    select: PairSelectFn
+
+
 class PositionalTerms(NamedTuple):
     """Everything an encoding contributes to one attention call; any field may be None.
 
@@ -153,18 +192,28 @@ class PositionalTerms(NamedTuple):
       bias_fn: the logit bias, a `BiasFn`.
       relative_terms: content-dependent `RelativeTerms`.
       token_bias: a `TokenBias` over per-token values of queries and keys.
+      alternate_qk: an `AlternateQk` applied to the same projections as `qk_transform`.
     """
 
     qk_transform: QkTransform | None = None
     bias_fn: BiasFn | None = None
     relative_terms: RelativeTerms | None = None
     token_bias: TokenBias | None = None
+    alternate_qk: AlternateQk | None = None
 
     def transform(self, q, k, q_positions, k_positions) -> tuple[jax.Array, jax.Array]:
         """`(q, k)` after the qk transform (unchanged without one)."""
         if self.qk_transform is None:
             return q, k
         return self.qk_transform(q, k, q_positions, k_positions)
+
+    def alternate(self, q, k, q_positions, k_positions) -> AlternateLogits | None:
+        """The `AlternateLogits` of the projections `q`, `k` (None without one); call it
+        with the same arrays as `transform`."""
+        if self.alternate_qk is None:
+            return None
+        q, k = self.alternate_qk.transform(q, k, q_positions, k_positions)
+        return AlternateLogits(q, k, self.alternate_qk.select)
 
 
 def sum_of(fns: Sequence[Callable | None]) -> Callable | None:
@@ -214,14 +263,31 @@ def sum_token_biases(biases: Sequence[TokenBias | None]) -> TokenBias | None:
     return TokenBias(tuple(b.query_values for b in biases), tuple(b.key_values for b in biases), fn)
 
 
+def _alternate(parts: Sequence[PositionalTerms]) -> AlternateQk | None:
+    """The one part's `AlternateQk`, its transform composed in that part's place with
+    the qk transforms of the others (which then act on both positionings)."""
+    owners = [part for part in parts if part.alternate_qk is not None]
+    if not owners:
+        return None
+    if len(owners) > 1:
+        raise ValueError("at most one part may contribute an alternate qk positioning")
+    transforms = [
+        part.qk_transform if part.alternate_qk is None else part.alternate_qk.transform
+        for part in parts
+    ]
+    return AlternateQk(_compose(transforms), owners[0].alternate_qk.select)
+
+
 def combine(parts: Sequence[PositionalTerms]) -> PositionalTerms:
     """The terms of several parts together: qk transforms compose in the given order,
-    logit biases, relative terms and token biases add up."""
+    logit biases, relative terms and token biases add up; an alternate positioning
+    (at most one) composes with the other parts' qk transforms in the same order."""
     return PositionalTerms(
         qk_transform=_compose([part.qk_transform for part in parts]),
         bias_fn=sum_of([part.bias_fn for part in parts]),
         relative_terms=sum_relative_terms([part.relative_terms for part in parts]),
         token_bias=sum_token_biases([part.token_bias for part in parts]),
+        alternate_qk=_alternate(parts),
     )
 
 
@@ -234,11 +300,18 @@ def _token_bias(module: Any, context: TokenContext | None) -> PositionalTerms:
     return PositionalTerms(token_bias=module.token_bias(context))
 
 
+def _qk_transform(module: Any, context: TokenContext | None) -> PositionalTerms:
+    alternate = getattr(module, "alternate", None)
+    alternate_qk = None if alternate is None else alternate()
+    return PositionalTerms(qk_transform=module, alternate_qk=alternate_qk)
+
+
 # How a module playing each role contributes, given the layer's `TokenContext` (read by
 # the token bias only); the registry's `Encoding` has one factory field per role (plus
-# `input_embedding`, which is not an attention term).
+# `input_embedding`, which is not an attention term). A qk transform with an
+# `alternate()` method (SelfExtend) also contributes that `AlternateQk`.
 ROLES: dict[str, Callable[[Any, TokenContext | None], PositionalTerms]] = {
-    "qk_transform": lambda module, context: PositionalTerms(qk_transform=module),
+    "qk_transform": _qk_transform,
     "logit_bias": lambda module, context: PositionalTerms(bias_fn=module.bias_fn()),
     "relative_terms": lambda module, context: PositionalTerms(relative_terms=module.terms()),
     "token_bias": _token_bias,

@@ -13,6 +13,12 @@ restart keeps `c` small, and `c_i - c_j` of two large float32 numbers loses digi
 after `n` tokens `|c|` is up to `n * max|log f|`, and the bias carries an absolute error
 of about `|c| * 6e-8` (0.005 for `|c| = 8e4`), as in the reference implementation.
 
+SelfExtend positions depend on the context: a key within `window` tokens of the query
+keeps its exact RoPE position, a farther one is seen at grouped positions (`pos // G`,
+the query shifted so both joins meet at the window edge), so a model trained on short
+sequences reads long ones with relative distances it knows. Both positionings are
+computed per block and merged per pair (`jax_posenc.AlternateQk`).
+
 Randomized positions depend on the context of training instead: `randomized_positions`
 draws each training sequence's positions as a sorted random subset of a range larger
 than the sequence, so every position the model will meet at longer test lengths has
@@ -21,12 +27,15 @@ can use them through the model's `positions=` argument.
 
 References:
   Lin et al., 2025, Forgetting Transformer: Softmax Attention with a Forget Gate (ICLR).
+  Jin et al., 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning
+    (ICML).
   Ruoss et al., 2023, Randomized Positional Encodings Boost Length Generalization of
     Transformers (ACL).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -34,8 +43,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_posenc import _checks
-from jax_posenc._protocols import TokenBias, TokenContext
+from jax_posenc import _checks, rope
+from jax_posenc._protocols import AlternateQk, TokenBias, TokenContext
+from jax_posenc.rope_scaling import RopeScaling
 
 _F32 = jnp.float32
 
@@ -260,3 +270,106 @@ def randomized_positions(
         return jnp.sort(subset.astype(jnp.int32))
 
     return jax.vmap(row)(jax.random.split(key, batch_size))
+
+
+# ------------------------------------------------------------------------- SelfExtend
+
+
+def _check_self_extend(group_size: int, window: int) -> tuple[int, int]:
+    group_size = _checks.check_positive_int("group_size", group_size)
+    window = _checks.check_positive_int("window", window)
+    return group_size, window
+
+
+def self_extend_positions(
+    q_positions: jax.Array, k_positions: jax.Array, *, group_size: int, window: int
+) -> tuple[jax.Array, jax.Array]:
+    """SelfExtend's grouped positions, int32 `[B or 1, Lq]` and `[B or 1, Lk]`.
+
+    Keys move to `k // G`, queries to `q // G + window - window // G`: the shift makes a
+    key just beyond the window sit about `window` positions before the query, where
+    the last neighbour key sits, so the two positionings join (Jin et al., 2024, eq. 3;
+    `G = group_size`).
+    """
+    group_size, window = _check_self_extend(group_size, window)
+    q_positions, k_positions = _checks.check_position_pair(q_positions, k_positions)
+    shift = window - window // group_size
+    return q_positions // group_size + shift, k_positions // group_size
+
+
+def self_extend_select(q_positions: jax.Array, k_positions: jax.Array, *, window: int) -> jax.Array:
+    """Bool `[B or 1, 1, Lq, Lk]`: True where SelfExtend uses grouped positions, i.e. the
+    key lies `window` or more positions before the query (`q_pos - k_pos >= window`)."""
+    window = _checks.check_positive_int("window", window)
+    q_positions, k_positions = _checks.check_position_pair(q_positions, k_positions)
+    distance = _checks.saturating_difference(q_positions[:, :, None], k_positions[:, None, :])
+    return (distance >= window)[:, None]
+
+
+class SelfExtendRotaryEmbedding(nn.Module):
+    """RoPE with SelfExtend (Jin et al., 2024): exact positions for keys within `window`
+    of the query, grouped positions (`self_extend_positions`) beyond.
+
+    A qk transform: `__call__(q, k, q_positions, k_positions=None)` is plain RoPE at the
+    exact positions; `alternate()` gives the `AlternateQk` (RoPE at the grouped
+    positions, and `self_extend_select`), which attention merges per pair inside its
+    block loop. No parameters: it applies to a model trained with the same RoPE
+    settings, extending its context about `group_size` times without tuning. Causal
+    only (the grouping looks back from the query). Through `make_attention_fn` it
+    decodes with Flax's cache (keys are rotated each step); `jax_posenc.KVCache` stores
+    keys rotated at one positioning and is not supported.
+
+    Attributes:
+      group_size: G, the number of positions that share one grouped position.
+      window: neighbour window w_n: keys with `q_pos - k_pos < window` keep their
+        exact positions.
+      rotary_dim, base, layout, scaling, seq_len, angle_precision: as in
+        `jax_posenc.RotaryEmbedding`.
+    """
+
+    group_size: int = 8
+    window: int = 512
+    rotary_dim: int | None = None
+    base: float = 10000.0
+    layout: str = "half"
+    scaling: RopeScaling | None = None
+    seq_len: int | None = None
+    angle_precision: str = "exact"
+
+    def _rope(self, q, k, q_positions, k_positions):
+        return rope.apply_rope_qk(
+            q,
+            k,
+            q_positions,
+            k_positions,
+            base=self.base,
+            rotary_dim=self.rotary_dim,
+            layout=self.layout,
+            scaling=self.scaling,
+            seq_len=self.seq_len,
+            angle_precision=self.angle_precision,
+        )
+
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        q_positions: jax.Array,
+        k_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        _check_self_extend(self.group_size, self.window)
+        k_positions = q_positions if k_positions is None else k_positions
+        return self._rope(q, k, q_positions, k_positions)
+
+    def alternate(self) -> AlternateQk:
+        """RoPE at the grouped positions, used where `self_extend_select` holds."""
+        group_size, window = _check_self_extend(self.group_size, self.window)
+
+        def grouped(q, k, q_positions, k_positions=None):
+            k_positions = q_positions if k_positions is None else k_positions
+            q_rows = _checks.position_rows("q_positions", q_positions, length=q.shape[1])
+            k_rows = _checks.position_rows("k_positions", k_positions, length=k.shape[1])
+            positions = self_extend_positions(q_rows, k_rows, group_size=group_size, window=window)
+            return self._rope(q, k, *positions)
+
+        return AlternateQk(grouped, functools.partial(self_extend_select, window=window))

@@ -260,6 +260,7 @@ class SelfAttention(nn.Module):
                 for role, name in self.positional_roles
             ]
         )
+        alternate = terms.alternate(q, k, positions, positions)  # SelfExtend
         q, k = terms.transform(q, k, positions, positions)
         out = dot_product_attention(
             q,
@@ -268,6 +269,7 @@ class SelfAttention(nn.Module):
             bias_fn=terms.bias_fn,
             relative_terms=terms.relative_terms,
             token_bias=terms.token_bias,
+            alternate=alternate,
             q_positions=positions,
             k_positions=positions,
             causal=True,

@@ -397,11 +397,16 @@ register(
 # ---- rotary (RoPE, xPos)
 
 
-def _rope(spec: EncodingSpec) -> nn.Module:
-    options = spec.take_options("rope", rope.RotaryEmbedding)
+def _rope_options(spec: EncodingSpec, name: str, module: type) -> dict[str, Any]:
+    """The options of a RoPE module; an HF `rope_parameters` dict becomes a scaling spec."""
+    options = spec.take_options(name, module)
     if isinstance(options.get("scaling"), Mapping):
         options["scaling"] = rope_scaling.from_hf_rope_parameters(options["scaling"])
-    return rope.RotaryEmbedding(**options)
+    return options
+
+
+def _rope(spec: EncodingSpec) -> nn.Module:
+    return rope.RotaryEmbedding(**_rope_options(spec, "rope", rope.RotaryEmbedding))
 
 
 def _xpos(spec: EncodingSpec) -> nn.Module:
@@ -513,6 +518,29 @@ register(
             "sum_{j<l<=i} log f_l (Lin et al., 2025)."
         ),
         token_bias=_fox,
+        causal_only=True,
+    )
+)
+
+
+def _selfextend(spec: EncodingSpec) -> nn.Module:
+    if not spec.causal:
+        raise ValueError(
+            "encoding 'selfextend' is causal-only (its grouping looks back from the query); "
+            "got an EncodingSpec with causal=False"
+        )
+    module = content.SelfExtendRotaryEmbedding
+    return module(**_rope_options(spec, "selfextend", module))
+
+
+register(
+    Encoding(
+        name="selfextend",
+        description=(
+            "SelfExtend: RoPE at exact positions within a neighbour window, grouped "
+            "positions beyond, merged per pair (Jin et al., 2024)."
+        ),
+        qk_transform=_selfextend,
         causal_only=True,
     )
 )

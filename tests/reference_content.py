@@ -5,10 +5,15 @@ Forgetting Transformer (Lin et al., 2025, eqs. 4-6): per head h and token t,
 `D_ij = sum_{l=j+1..i} log f_l`. The sum is formed term by term for every pair (no
 cumulative sums), and only over tokens of the query's own document when sequences are
 packed (attention never crosses documents).
+
+SelfExtend (Jin et al., 2024): exact RoPE positions for keys within a neighbour window
+of the query, grouped ones (floor division by the group size, the query shifted by
+`window - window // G`) beyond, chosen pair by pair.
 """
 
 import numpy as np
 from reference_attention import attention_reference
+from reference_rope import plain_inv_freq, rope_reference
 
 
 def log_sigmoid(u):
@@ -68,3 +73,29 @@ def numerical_gradient(fn, value, step=1e-6):
         shifted[index] -= 2 * step
         grad[index] = (upper - fn(shifted)) / (2 * step)
     return grad
+
+
+def self_extend_logits_reference(q, k, q_positions, k_positions, *, group_size, window, base):
+    """SelfExtend's content logits `[B, H, Lq, Lk]` in float64 (Jin et al., 2024, sec. 3):
+    pair (i, j) with `q_pos - k_pos < window` takes RoPE at the exact positions, any
+    other pair RoPE at `q_pos // G + window - window // G` and `k_pos // G`."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    inv_freq = plain_inv_freq(q.shape[-1], base)
+    q_pos, k_pos = np.asarray(q_positions), np.asarray(k_positions)
+    shift = window - window // group_size
+    exact = rope_reference(q, q_pos, inv_freq), rope_reference(k, k_pos, inv_freq)
+    grouped = (
+        rope_reference(q, q_pos // group_size + shift, inv_freq),
+        rope_reference(k, k_pos // group_size, inv_freq),
+    )
+    batch, q_len, heads, dim = q.shape
+    group = heads // k.shape[2]
+    logits = np.zeros((batch, heads, q_len, k.shape[1]))
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                for j in range(k.shape[1]):
+                    near = q_pos[b, i] - k_pos[b, j] < window
+                    q_rot, k_rot = exact if near else grouped
+                    logits[b, h, i, j] = q_rot[b, i, h] @ k_rot[b, j, h // group] / np.sqrt(dim)
+    return logits

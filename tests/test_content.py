@@ -11,12 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.extend import core as jex_core
+from reference_attention import attention_reference
 from reference_content import (
     causal_allowed,
     forget_gates_reference,
     forgetting_bias_reference,
     fox_attention_reference,
     numerical_gradient,
+    self_extend_logits_reference,
 )
 
 import jax_posenc as pe
@@ -430,3 +432,139 @@ def test_a_tiny_model_learns_with_randomized_positions(encoding):
         params, state, loss = step(params, state, key)
         losses.append(float(loss))
     assert np.isfinite(losses).all() and np.mean(losses[-3:]) < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- SelfExtend
+
+
+def _self_extend_case(packed):
+    batch, length, heads, kv_heads, dim = 2, 29, 4, 2, 8
+    q = _normal(50, (batch, length, heads, dim))
+    k, v = _normal(51, (batch, length, kv_heads, dim)), _normal(52, (batch, length, kv_heads, dim))
+    segment_ids = np.array([[0] * 12 + [1] * 17, [4] * 29], np.int32) if packed else None
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    if packed:
+        positions = np.asarray(pe.segment_positions(segment_ids))
+    return q, k, v, positions, segment_ids
+
+
+def _self_extend_attention(implementation, positions, segment_ids, **options):
+    module = content.SelfExtendRotaryEmbedding(**options).bind({})
+    terms = _protocols.terms_of("qk_transform", module)
+
+    def attend(q, k, v):
+        alternate = terms.alternate(q, k, positions, positions)
+        q, k = terms.transform(q, k, positions, positions)
+        return pe.dot_product_attention(
+            q, k, v, alternate=alternate, causal=True, q_positions=positions,
+            k_positions=positions, segment_ids=segment_ids, implementation=implementation,
+            block_size=(8, 5),
+        )  # fmt: skip
+
+    return attend
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+def test_self_extend_matches_the_float64_formula_in_both_implementations(packed):
+    q, k, v, positions, segment_ids = _self_extend_case(packed)
+    options = {"group_size": 3, "window": 7, "base": 100.0}
+    logits = self_extend_logits_reference(q, k, positions, positions, **options)
+    allowed = causal_allowed(29, segment_ids)
+    want = attention_reference(0 * q, k, v, bias=logits, allowed=allowed)
+
+    def loss(implementation):
+        attend = _self_extend_attention(implementation, positions, segment_ids, **options)
+
+        def loss(q, k, v):
+            out = attend(q, k, v)
+            return (out * _cotangent(out.shape)).sum(), out
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (xla_grads, xla_out), (block_grads, block_out) = loss("xla"), loss("blockwise")
+    assert _relative_error(xla_out, want) < 3e-6
+    assert _relative_error(block_out, want) < 3e-6
+    for got, expected in zip(block_grads, xla_grads, strict=True):
+        assert _relative_error(got, expected) < 2e-5
+
+
+def test_self_extend_is_rope_within_the_window_and_groups_beyond():
+    q, k, v, positions, _ = _self_extend_case(packed=False)
+    rope = pe.dot_product_attention(
+        *pe.apply_rope_qk(q, k, positions), v, causal=True, implementation="xla"
+    )
+    wide = _self_extend_attention("blockwise", positions, None, window=29)(q, k, v)
+    np.testing.assert_allclose(wide, rope, atol=2e-6)  # every key is a neighbour
+    narrow = _self_extend_attention("blockwise", positions, None, group_size=2, window=4)
+    assert float(jnp.abs(narrow(q, k, v)[:, 4:] - rope[:, 4:]).max()) > 1e-2
+    np.testing.assert_allclose(narrow(q, k, v)[:, :4], rope[:, :4], atol=2e-6)
+
+
+def test_self_extend_positions_join_at_the_window_edge():
+    q_grouped, k_grouped = pe.self_extend_positions([20], [11, 12, 13], group_size=4, window=8)
+    # Query 20 -> 20 // 4 + 8 - 8 // 4 = 11; key 12, 8 before it, -> 3: distance 8 again.
+    np.testing.assert_array_equal(q_grouped, [[11]])
+    np.testing.assert_array_equal(q_grouped - k_grouped, [[9, 8, 8]])
+    select = pe.self_extend_select([20], [11, 12, 13], window=8)
+    np.testing.assert_array_equal(select, [[[[True, True, False]]]])
+
+
+def test_self_extend_decodes_through_flax_s_cache():
+    """`decode=True`, one token at a time, equals the full causal pass beyond the window."""
+    options = {"selfextend": {"group_size": 2, "window": 3}}
+    x = _normal(60, (2, 11, 16))
+
+    def layer(decode):
+        return nn.MultiHeadDotProductAttention(
+            num_heads=2, qkv_features=16, decode=decode,
+            attention_fn=pe.make_attention_fn("selfextend", block_size=4, **options),
+        )  # fmt: skip
+
+    mask = nn.make_causal_mask(x[..., 0])
+    params = layer(False).init(jax.random.key(0), x, mask=mask)["params"]
+    full = layer(False).apply({"params": params}, x, mask=mask)
+    cache = layer(True).init(jax.random.key(0), x)["cache"]
+    outputs = []
+    for t in range(11):
+        out, updated = layer(True).apply(
+            {"params": params, "cache": cache}, x[:, t : t + 1], mutable=["cache"]
+        )
+        cache = updated["cache"]
+        outputs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-6)
+
+
+def test_self_extend_is_registered_as_a_causal_rotary_encoding_and_trains():
+    encoding = pe.get_encoding("selfextend")
+    assert encoding.contributes == ("qk_transform",) and encoding.causal_only
+    spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=32, causal=False)
+    with pytest.raises(ValueError, match="'selfextend' is causal-only"):
+        pe.registry.attention_modules("selfextend", spec)
+    with pytest.raises(ValueError, match="at most one part may contribute an alternate"):
+        alternate = pe.AlternateQk(lambda q, k, qp, kp: (q, k), lambda qp, kp: qp)
+        pe.combine([pe.PositionalTerms(alternate_qk=alternate)] * 2)
+    config = pe.TransformerConfig(
+        encoding="selfextend+alibi", d_model=32, num_layers=1, num_heads=2, max_positions=64,
+        encoding_options={"selfextend": {"group_size": 2, "window": 4}}, block_size=8,
+        attention="blockwise",
+    )  # fmt: skip
+    model = pe.Transformer(config)
+    tokens = jnp.asarray(np.tile(np.arange(8), (2, 4)) * 7 % 256, jnp.int32)
+    params = model.init(jax.random.key(0), tokens)
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, state):
+        def loss_fn(params):
+            logits = model.apply(params, tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    state, losses = optimizer.init(params), []
+    for _ in range(20):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]

@@ -33,6 +33,8 @@ ENCODINGS = (
     + COMBINATIONS
 )
 IMPLEMENTATIONS = ("xla", "blockwise")
+# Options that make an encoding act at this length (SelfExtend groups beyond 4 tokens).
+OPTIONS = {"selfextend": {"selfextend": {"group_size": 2, "window": 4}}}
 
 
 class _Attention(nn.Module):
@@ -42,7 +44,10 @@ class _Attention(nn.Module):
     @nn.compact
     def __call__(self, q, k, v):
         attention_fn = pe.make_attention_fn(
-            self.encoding, implementation=self.implementation, block_size=BLOCK
+            self.encoding,
+            implementation=self.implementation,
+            block_size=BLOCK,
+            **OPTIONS.get(self.encoding, {}),
         )
         return attention_fn(q, k, v, is_causal=True)
 
@@ -179,6 +184,7 @@ def test_outputs_and_all_gradients_equal_plain_grad_of_xla_under_every_transform
 def test_matrix_covers_every_attention_encoding_and_both_combinations():
     assert {
         "alibi", "t5", "kerple", "fire", "dpb", "shaw", "transformer_xl", "rope", "xpos", "fox",
+        "selfextend",
     } <= set(ENCODINGS)  # fmt: skip
     assert set(COMBINATIONS) <= set(ENCODINGS)
 

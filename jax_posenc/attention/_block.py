@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_posenc._protocols import BiasFn, RelativeTerms, TokenBiasFn
+from jax_posenc._protocols import BiasFn, PairSelectFn, RelativeTerms, TokenBiasFn
 
 _F32 = jnp.float32
 
@@ -37,6 +37,15 @@ class Terms(NamedTuple):
     bias_fn: BiasFn | None
     relative_terms: RelativeTerms | None
     token_bias_fn: TokenBiasFn | None = None
+    alternate_select: PairSelectFn | None = None
+
+
+class PerToken(NamedTuple):
+    """Per-token arrays the logits read besides q and k, along axis 2 like them (the
+    blockwise path slices them per block and returns their gradients)."""
+
+    token_values: Any = None  # TokenBias values, leaves [B or 1, H or 1, L, ...]
+    alternate: jax.Array | None = None  # AlternateLogits q [B, H, L, D] or k [B, Hkv, L, D]
 
 
 class Block(NamedTuple):
@@ -51,8 +60,8 @@ class Block(NamedTuple):
     k_seg: jax.Array | None  # [B or 1, bk]
     mask: jax.Array | None  # [B or 1, H or 1, bq or 1, bk or 1]
     k_valid: jax.Array | None  # [bk], False on padding
-    q_values: Any = None  # TokenBias.query_values, leaves [B or 1, H or 1, bq, ...]
-    k_values: Any = None  # TokenBias.key_values, leaves [B or 1, H or 1, bk, ...]
+    q_extra: PerToken = PerToken()  # of the queries, bq along axis 2
+    k_extra: PerToken = PerToken()  # of the keys, bk along axis 2
 
 
 class Softmax(NamedTuple):
@@ -85,25 +94,36 @@ def _group(x: jax.Array, kv_heads: int) -> jax.Array:
     return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
 
 
+def _content_logits(q: jax.Array, k: jax.Array, terms: Terms) -> jax.Array:
+    """`scale * (q + u) . k`, float32 `[B, H, bq, bk]` (u: the content bias, if any)."""
+    relative = terms.relative_terms
+    content_bias = None if relative is None else relative.content_bias
+    if content_bias is not None:
+        q = q + content_bias[:, None, :].astype(q.dtype)
+    batch, heads, q_len, _ = q.shape
+    logits = jnp.einsum("bhgqd,bhkd->bhgqk", _group(q, k.shape[1]), k, preferred_element_type=_F32)
+    return logits.reshape(batch, heads, q_len, k.shape[2]) * terms.scale
+
+
 def _block_logits(block: Block, terms: Terms) -> tuple[jax.Array, jax.Array | None]:
     """Float32 logits `[B, H, bq, bk]` and where attention is allowed (None: everywhere)."""
     q, k = block.q, block.k
     batch, heads, q_len, _ = q.shape
     shape = (batch, heads, q_len, k.shape[2])
     relative = terms.relative_terms or RelativeTerms()
-    content_q = q
-    if relative.content_bias is not None:
-        content_q = q + relative.content_bias[:, None, :].astype(q.dtype)
-    logits = jnp.einsum(
-        "bhgqd,bhkd->bhgqk", _group(content_q, k.shape[1]), k, preferred_element_type=_F32
-    ).reshape(shape)
-    logits = logits * terms.scale
+    logits = _content_logits(q, k, terms)
+    if terms.alternate_select is not None:
+        # Two content logits per block, one chosen per pair (SelfExtend's merge).
+        select = terms.alternate_select(block.q_pos, block.k_pos)
+        check_broadcastable("alternate.select", select, shape)
+        alternate = _content_logits(block.q_extra.alternate, block.k_extra.alternate, terms)
+        logits = jnp.where(select, alternate, logits)
     if terms.bias_fn is not None:
         bias = terms.bias_fn(block.q_pos, block.k_pos)
         check_broadcastable("bias_fn", bias, shape)
         logits = logits + bias.astype(_F32)
     if terms.token_bias_fn is not None:
-        bias = terms.token_bias_fn(block.q_values, block.k_values)
+        bias = terms.token_bias_fn(block.q_extra.token_values, block.k_extra.token_values)
         check_broadcastable("token_bias.fn", bias, shape)
         logits = logits + bias.astype(_F32)
     if relative.query_bias_fn is not None:

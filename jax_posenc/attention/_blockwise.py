@@ -25,6 +25,7 @@ from jax import lax
 from jax_posenc._protocols import RelativeTerms
 from jax_posenc.attention._block import (
     Block,
+    PerToken,
     Terms,
     accumulate,
     finalize,
@@ -86,7 +87,7 @@ def _hoist(fn: Callable | None, *examples: jax.Array):
 
     def hoisted(*args_and_consts):
         args, consts = args_and_consts[:num_args], args_and_consts[num_args:]
-        leaves = jax.tree.leaves(args)  # pytree arguments (token values) enter flat
+        leaves = jax.tree.leaves(args)  # pytree arguments (token-bias values) enter flat
         return jax.tree.unflatten(out_tree, jax.core.eval_jaxpr(closed.jaxpr, consts, *leaves))
 
     return hoisted, tuple(closed.consts)
@@ -146,7 +147,7 @@ def _cotangent(gradient: jax.Array, primal) -> jax.Array | None:
 
 class _Tiling(NamedTuple):
     """Static settings of the blockwise loops: the first, non-differentiable argument
-    of `_blockwise_attention`. The four functions are hoisted (`_hoist`): they read
+    of `_blockwise_attention`. The five functions are hoisted (`_hoist`): they read
     their arrays from the `consts` argument, never from a closure."""
 
     scale: float
@@ -158,21 +159,28 @@ class _Tiling(NamedTuple):
     query_bias_fn: Callable | None
     value_fn: Callable | None
     token_bias_fn: Callable | None
+    alternate_select: Callable | None
 
 
 def _bind_terms(tiling: _Tiling, content_bias, consts) -> Terms:
-    functions = (tiling.bias_fn, tiling.query_bias_fn, tiling.value_fn, tiling.token_bias_fn)
+    functions = (
+        tiling.bias_fn,
+        tiling.query_bias_fn,
+        tiling.value_fn,
+        tiling.token_bias_fn,
+        tiling.alternate_select,
+    )
     bound = [
         None if fn is None else functools.partial(_call_with, fn, extra)
         for fn, extra in zip(functions, consts, strict=True)
     ]
     relative = RelativeTerms(bound[1], bound[2], content_bias)
-    return Terms(tiling.scale, tiling.causal, bound[0], relative, bound[3])
+    return Terms(tiling.scale, tiling.causal, bound[0], relative, bound[3], bound[4])
 
 
-def _split_values(values, block: int):
-    """Per-token values (leaves `[B or 1, H or 1, L, ...]`) as `[n, B or 1, H or 1, block, ...]`."""
-    return jax.tree.map(lambda x: _split_blocks(x, 2, block), values)
+def _split_extra(extra: PerToken, block: int) -> PerToken:
+    """Per-token arrays (axis 2 of length L) as `[n, ..., block, ...]` blocks."""
+    return jax.tree.map(lambda x: _split_blocks(x, 2, block), extra)
 
 
 def _bounds(blocks: jax.Array | None):
@@ -180,27 +188,27 @@ def _bounds(blocks: jax.Array | None):
     return None if blocks is None else (blocks.min(axis=(1, 2)), blocks.max(axis=(1, 2)))
 
 
-def _query_inputs(tiling: _Tiling, q, q_pos, q_seg, q_values):
-    """What `lax.map`/`lax.scan` over query blocks reads: index, block, ids, token
-    values, bounds."""
+def _query_inputs(tiling: _Tiling, q, q_pos, q_seg, q_extra):
+    """What `lax.map`/`lax.scan` over query blocks reads: index, block, ids, per-token
+    arrays, bounds."""
     pos, seg = _split_blocks(q_pos, 1, tiling.q_block), _split_blocks(q_seg, 1, tiling.q_block)
     num_q = q.shape[2] // tiling.q_block
     return (jnp.arange(num_q), _split_blocks(q, 2, tiling.q_block), pos, seg,
-            _split_values(q_values, tiling.q_block), (_bounds(pos), _bounds(seg)))  # fmt: skip
+            _split_extra(q_extra, tiling.q_block), (_bounds(pos), _bounds(seg)))  # fmt: skip
 
 
-def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg, k_values):
-    """What the scan over key blocks reads: index, blocks, ids, token values, padding
-    flags, bounds."""
+def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg, k_extra):
+    """What the scan over key blocks reads: index, blocks, ids, per-token arrays,
+    padding flags, bounds."""
     k_block, k_pad = tiling.k_block, k.shape[2]
     pos, seg = _split_blocks(k_pos, 1, k_block), _split_blocks(k_seg, 1, k_block)
     valid = None
     if k_pad != tiling.k_len:
         valid = _split_blocks(jnp.arange(k_pad) < tiling.k_len, 0, k_block)
     blocks = (_split_blocks(k, 2, k_block), _split_blocks(v, 2, k_block))
-    values = _split_values(k_values, k_block)
+    extra = _split_extra(k_extra, k_block)
     bounds = (_bounds(pos), _bounds(seg))
-    return (jnp.arange(k_pad // k_block), *blocks, pos, seg, values, valid, bounds)
+    return (jnp.arange(k_pad // k_block), *blocks, pos, seg, extra, valid, bounds)
 
 
 def _is_empty(causal: bool, q_bound, k_bound) -> jax.Array:
@@ -228,14 +236,14 @@ def _scan_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, ski
     leaves the carry as it is and outputs `skipped`. Carries stay block-sized: a
     loop-carried full-length array would be copied through every `lax.cond`.
     """
-    index, q_i, q_pos_i, q_seg_i, q_values_i, q_bound = q_inputs
+    index, q_i, q_pos_i, q_seg_i, q_extra_i, q_bound = q_inputs
     mask_i = _slice_mask(mask, 2, index, tiling.q_block)
 
     def body(carry, key_inputs):
-        j, k_j, v_j, k_pos_j, k_seg_j, k_values_j, valid_j, k_bound = key_inputs
+        j, k_j, v_j, k_pos_j, k_seg_j, k_extra_j, valid_j, k_bound = key_inputs
         block = Block(
             q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
-            _slice_mask(mask_i, 3, j, tiling.k_block), valid_j, q_values_i, k_values_j,
+            _slice_mask(mask_i, 3, j, tiling.k_block), valid_j, q_extra_i, k_extra_j,
         )  # fmt: skip
         if not (tiling.causal or q_seg_i is not None):
             return step(carry, block)
@@ -246,13 +254,13 @@ def _scan_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, ski
 
 
 def _blockwise_forward(
-    tiling, q, k, v, content_bias, q_values, k_values, q_pos, k_pos, q_seg, k_seg, mask, consts
+    tiling, q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
 ):
     """Output blocks `[nq, B, H, bq, Dv]` and log-normalizers `[nq, B, H, bq]`."""
     terms = _bind_terms(tiling, content_bias, consts)
-    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_values)
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
     anchor = _anchor(
-        q, k, v, content_bias, q_values, k_values, q_pos, k_pos, q_seg, k_seg, mask, consts
+        q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
     )
 
     def one_query_block(q_inputs):
@@ -266,23 +274,23 @@ def _blockwise_forward(
         )
         return finalize(state), log_normalizer(state)
 
-    return lax.map(one_query_block, _query_inputs(tiling, q, q_pos, q_seg, q_values))
+    return lax.map(one_query_block, _query_inputs(tiling, q, q_pos, q_seg, q_extra))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _blockwise_attention(
-    tiling, q, k, v, content_bias, q_values, k_values, q_pos, k_pos, q_seg, k_seg, mask, consts
+    tiling, q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
 ):
     """Online-softmax attention over (query block, key block) pairs; see the module doc.
 
     Every array it reads is an argument (q, k, v `[B, H, L, D]` padded to whole blocks,
-    the per-token values of a token bias `[B or 1, H or 1, L, ...]`, positions and
-    segment ids `[B or 1, L]`, the mask, the hoisted constants of the positional terms),
+    their per-token arrays (`PerToken`: token-bias values, alternate q and k), positions
+    and segment ids `[B or 1, L]`, the mask, the hoisted constants of the positional terms),
     so it composes with jit at any depth, checkpoint, scan and vmap.
     Returns `[B, H, Lq_padded, Dv]` float32.
     """
     out, _ = _blockwise_forward(
-        tiling, q, k, v, content_bias, q_values, k_values, q_pos, k_pos, q_seg, k_seg, mask, consts
+        tiling, q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
     )
     return _merge_blocks(out, 2)
 
@@ -294,87 +302,85 @@ def _blockwise_attention_fwd(tiling, *args):
 
 def _blockwise_attention_bwd(tiling, residuals, d_out):
     """FlashAttention's backward pass: recompute each block's weights from the stored
-    log-normalizer and get every gradient (q, k, v, content bias, token values,
+    log-normalizer and get every gradient (q, k, v, content bias, per-token arrays,
     constants of the positional terms) from `jax.vjp` of the same per-block functions
-    as the forward. Token values get per-block gradients, accumulated like those of q
-    (over key blocks) and k (over query blocks)."""
+    as the forward. Per-token arrays get per-block gradients, accumulated like those of
+    q (over key blocks) and k (over query blocks)."""
     args, out, log_normalizer = residuals
-    q, k, v, content_bias, q_values, k_values, q_pos, k_pos, q_seg, k_seg, mask, consts = args
+    q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts = args
     d_out = _split_blocks(d_out, 2, tiling.q_block)  # [nq, B, H, bq, Dv]
     # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
     d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
-    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_values)
-    k_blocks, v_blocks, k_value_blocks = k_inputs[1], k_inputs[2], k_inputs[5]
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
+    k_blocks, v_blocks, k_extra_blocks = k_inputs[1], k_inputs[2], k_inputs[5]
     anchor = _anchor(args, d_out)
 
     def one_query_block(grads, inputs):
         *q_inputs, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
 
         def step(grads, block):
-            dq_i, d_q_values_i, d_content_bias, d_consts = grads
+            dq_i, d_q_extra_i, d_content_bias, d_consts = grads
 
-            def logits_of(q_i, k_j, q_values_i, k_values_j, content_bias, consts):
+            def logits_of(q_i, k_j, q_extra_i, k_extra_j, content_bias, consts):
                 terms = _bind_terms(tiling, content_bias, consts)
-                replaced = block._replace(q=q_i, k=k_j, q_values=q_values_i, k_values=k_values_j)
+                replaced = block._replace(q=q_i, k=k_j, q_extra=q_extra_i, k_extra=k_extra_j)
                 return masked_logits(replaced, terms)
 
             def values_of(weights, v_j, consts):
                 terms = _bind_terms(tiling, content_bias, consts)
                 return weighted_values(weights, block._replace(v=v_j), terms)
 
-            primals = (block.q, block.k, block.q_values, block.k_values, content_bias, consts)
+            primals = (block.q, block.k, block.q_extra, block.k_extra, content_bias, consts)
             logits, logits_vjp = jax.vjp(logits_of, *primals)
             weights = jnp.exp(logits - log_normalizer_i[..., None])
             _, values_vjp = jax.vjp(values_of, weights, block.v, consts)
             d_weights, dv_j, d_consts_values = values_vjp(d_out_i)
             d_logits = weights * (d_weights - d_out_dot_out_i[..., None])
-            dq_ij, dk_j, d_q_values_ij, d_k_values_j, d_content_bias_j, d_consts_logits = (
-                logits_vjp(d_logits)
+            dq_ij, dk_j, d_q_extra_ij, d_k_extra_j, d_content_bias_j, d_consts_logits = logits_vjp(
+                d_logits
             )
             grads = (
                 dq_i + dq_ij.astype(_F32),
-                _add_float32(d_q_values_i, d_q_values_ij),
+                _add_float32(d_q_extra_i, d_q_extra_ij),
                 _add_float32(d_content_bias, d_content_bias_j),
                 _add_float32(_add_float32(d_consts, d_consts_logits), d_consts_values),
             )
-            d_k_values_j = jax.tree.map(lambda x: x.astype(_F32), d_k_values_j)
-            return grads, (dk_j.astype(_F32), dv_j.astype(_F32), d_k_values_j)
+            d_k_extra_j = jax.tree.map(lambda x: x.astype(_F32), d_k_extra_j)
+            return grads, (dk_j.astype(_F32), dv_j.astype(_F32), d_k_extra_j)
 
-        dk, dv, d_k_values, d_content_bias, d_consts = grads
-        first_key_block = jax.tree.map(lambda x: x[0], (k_blocks, v_blocks, k_value_blocks))
-        q_i, q_values_i = q_inputs[1], q_inputs[4]
-        carry = (*_float32_zeros((q_i, q_values_i), anchor), d_content_bias, d_consts)
-        (dq_i, d_q_values_i, d_content_bias, d_consts), (dk_i, dv_i, d_k_values_i) = (
-            _scan_key_blocks(
-                tiling,
-                step,
-                carry,
-                q_inputs,
-                k_inputs,
-                mask,
-                _float32_zeros(first_key_block, anchor),
-            )
+        dk, dv, d_k_extra, d_content_bias, d_consts = grads
+        first_key_block = jax.tree.map(lambda x: x[0], (k_blocks, v_blocks, k_extra_blocks))
+        q_i, q_extra_i = q_inputs[1], q_inputs[4]
+        carry = (*_float32_zeros((q_i, q_extra_i), anchor), d_content_bias, d_consts)
+        (dq_i, d_q_extra_i, d_content_bias, d_consts), (dk_i, dv_i, d_k_extra_i) = _scan_key_blocks(
+            tiling,
+            step,
+            carry,
+            q_inputs,
+            k_inputs,
+            mask,
+            _float32_zeros(first_key_block, anchor),
         )
-        sums = _add_float32((dk, dv, d_k_values), (dk_i, dv_i, d_k_values_i))
-        return (*sums, d_content_bias, d_consts), (dq_i, d_q_values_i)
+        sums = _add_float32((dk, dv, d_k_extra), (dk_i, dv_i, d_k_extra_i))
+        return (*sums, d_content_bias, d_consts), (dq_i, d_q_extra_i)
 
-    initial = _float32_zeros((k_blocks, v_blocks, k_value_blocks, content_bias, consts), anchor)
+    initial = _float32_zeros((k_blocks, v_blocks, k_extra_blocks, content_bias, consts), anchor)
     inputs = (
-        *_query_inputs(tiling, q, q_pos, q_seg, q_values),
+        *_query_inputs(tiling, q, q_pos, q_seg, q_extra),
         d_out,
         log_normalizer,
         d_out_dot_out,
     )
-    (dk, dv, d_k_values, d_content_bias, d_consts), (dq, d_q_values) = lax.scan(
+    (dk, dv, d_k_extra, d_content_bias, d_consts), (dq, d_q_extra) = lax.scan(
         one_query_block, initial, inputs
     )
-    merged = jax.tree.map(lambda x: _merge_blocks(x, 2), (dq, dk, dv, d_q_values, d_k_values))
-    q_grad, k_grad, v_grad, q_values_grad, k_values_grad, bias_grad = jax.tree.map(
-        _cotangent, (*merged, d_content_bias), (q, k, v, q_values, k_values, content_bias)
+    merged = jax.tree.map(lambda x: _merge_blocks(x, 2), (dq, dk, dv, d_q_extra, d_k_extra))
+    q_grad, k_grad, v_grad, q_extra_grad, k_extra_grad, bias_grad = jax.tree.map(
+        _cotangent, (*merged, d_content_bias), (q, k, v, q_extra, k_extra, content_bias)
     )
     const_grads = jax.tree.map(_cotangent, d_consts, consts)
     # Positions, segment ids and the mask are integer or boolean: zero cotangents.
-    return (q_grad, k_grad, v_grad, bias_grad, q_values_grad, k_values_grad,
+    return (q_grad, k_grad, v_grad, bias_grad, q_extra_grad, k_extra_grad,
             None, None, None, None, None, const_grads)  # fmt: skip
 
 
@@ -382,10 +388,11 @@ _blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
 
 
 def blockwise(
-    q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms: Terms, block_size, values=(None, None)
-):
+    q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms: Terms, block_size,
+    extra: tuple[PerToken, PerToken],
+):  # fmt: skip
     """Pads to whole blocks, hoists the positional terms and runs `_blockwise_attention`;
-    `values` are the `(query_values, key_values)` of the token bias."""
+    `extra` are the per-token arrays `(of the queries, of the keys)`, heads first."""
     batch, heads, q_len, dim = q.shape
     k_len = k.shape[2]
     q_block, k_block = min(block_size[0], q_len), min(block_size[1], k_len)
@@ -398,9 +405,9 @@ def blockwise(
     q = _pad_axis(q, 2, q_pad, "edge")
     k, v = (_pad_axis(x, 2, k_pad, "edge") for x in (k, v))
     mask = _pad_axis(_pad_axis(mask, 2, q_pad, "false"), 3, k_pad, "false")
-    q_values, k_values = (
+    q_extra, k_extra = (
         jax.tree.map(lambda x, size=size: _pad_axis(x, 2, size, "edge"), tree)
-        for tree, size in zip(values, (q_pad, k_pad), strict=True)
+        for tree, size in zip(extra, (q_pad, k_pad), strict=True)
     )
 
     relative = terms.relative_terms or RelativeTerms()
@@ -422,14 +429,15 @@ def blockwise(
         ),
         _hoist(
             terms.token_bias_fn,
-            _block_example(q_values, q_block),
-            _block_example(k_values, k_block),
+            _block_example(q_extra.token_values, q_block),
+            _block_example(k_extra.token_values, k_block),
         ),
+        _hoist(terms.alternate_select, q_pos_block, k_pos_block),
         strict=True,
     )
     tiling = _Tiling(terms.scale, terms.causal, q_block, k_block, k_len, *functions)
     out = _blockwise_attention(
-        tiling, q, k, v, relative.content_bias, q_values, k_values, q_pos, k_pos, q_seg, k_seg,
+        tiling, q, k, v, relative.content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg,
         mask, consts,
     )  # fmt: skip
     return out[:, :, :q_len]

@@ -17,7 +17,9 @@ Two implementations share every formula (`_block.py`):
 Logits are `scale * (q + u) . k + bias_fn(q_pos, k_pos) + query_bias_fn(scale * q, ...)
 + token_bias.fn(query_values, key_values)` (u: the optional content bias of
 `RelativeTerms`; the token bias reads per-token values, sliced per block like q and k,
-and returns their gradients like those of q and k); the softmax runs in float32 and the
+and returns their gradients like those of q and k; an `AlternateLogits` replaces the
+content logit by `scale * (q2 + u) . k2` on the pairs it selects); the softmax runs in
+float32 and the
 output keeps the query's dtype. A query that may attend to nothing (fully masked row)
 returns zeros, with zero gradients, in both implementations.
 """
@@ -31,9 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_posenc import _checks
-from jax_posenc._protocols import BiasFn, RelativeTerms, TokenBias
+from jax_posenc._protocols import AlternateLogits, BiasFn, RelativeTerms, TokenBias
 from jax_posenc.attention._block import (
     Block,
+    PerToken,
     Terms,
     accumulate,
     finalize,
@@ -130,6 +133,21 @@ def check_token_bias(token_bias, batch: int, heads: int, q_len: int, k_len: int)
                     f"token_bias.{name} arrays must have shape [B or 1, H or 1, L, ...] = "
                     f"[{batch} or 1, {heads} or 1, {length}, ...], got {list(shape)}"
                 )
+
+
+def check_alternate(alternate, q: jax.Array, k: jax.Array) -> None:
+    """Raises unless `alternate` is an `AlternateLogits` with arrays shaped like q and k."""
+    if not isinstance(alternate, AlternateLogits):
+        raise TypeError(f"alternate must be an AlternateLogits, got {alternate!r}")
+    if not callable(alternate.select):
+        raise TypeError(f"alternate.select must be callable, got {alternate.select!r}")
+    for name, value, like in (("q", alternate.q, q), ("k", alternate.k, k)):
+        _checks.check_floating_array(f"alternate.{name}", value)
+        if jnp.shape(value) != like.shape:
+            raise ValueError(
+                f"alternate.{name} must have the shape of {name} {list(like.shape)}, "
+                f"got {list(jnp.shape(value))}"
+            )
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -248,6 +266,7 @@ def dot_product_attention(
     bias_fn: BiasFn | None = None,
     relative_terms: RelativeTerms | None = None,
     token_bias: TokenBias | None = None,
+    alternate: AlternateLogits | None = None,
     q_positions: jax.Array | None = None,
     k_positions: jax.Array | None = None,
     mask: jax.Array | None = None,
@@ -263,7 +282,10 @@ def dot_product_attention(
     + bias_fn(q_pos, k_pos)[b, h, i, j] + query_bias_fn(scale * q, q_pos, k_pos)[b, h, i, j]
     + token_bias.fn(query_values, key_values)[b, h, i, j]`
     where `G = H / Hkv` (grouped-query attention; `Hkv = H` is ordinary multi-head
-    attention) and u is `relative_terms.content_bias` (zero when None). Positions where
+    attention) and u is `relative_terms.content_bias` (zero when None); with
+    `alternate`, the pairs `alternate.select(q_pos, k_pos)` picks use
+    `scale * (alternate.q[b, i, h] + u[h]) . alternate.k[b, j, h // G]` as their first
+    term instead (SelfExtend: RoPE at grouped positions for distant keys). Positions where
     attention is not allowed are dropped from the softmax, and
     `out[b, i, h] = sum_j softmax_j(logits) v[b, j, h // G] + value_fn(softmax, ...)`.
     A query with no allowed key gets a zero output (and zero gradients), never NaN.
@@ -305,6 +327,10 @@ def dot_product_attention(
         (Forgetting Transformer's `c_i - c_j`). Blockwise slices the values per block and
         accumulates their gradients per block (for a difference: row and column sums of
         the block's logit gradients), so no `Lq x Lk` array is formed.
+      alternate: a `jax_posenc.AlternateLogits`: queries `[B, Lq, H, D]` and keys
+        `[B, Lk, Hkv, D]` positioned differently, and `select(q_pos, k_pos) -> bool
+        [B or 1, 1, bq, bk]`; each block computes both content logits and keeps one per
+        pair. Blockwise slices both pairs per block and returns all four gradients.
       q_positions: integer `[Lq]` or `[B, Lq]`.
       k_positions: integer `[Lk]` or `[B, Lk]`.
       mask: boolean, broadcastable to `[B, H, Lq, Lk]`; True where attention is allowed.
@@ -350,6 +376,8 @@ def dot_product_attention(
     k_len = k.shape[1]
     if token_bias is not None:
         check_token_bias(token_bias, batch, heads, q_len, k_len)
+    if alternate is not None:
+        check_alternate(alternate, q, k)
     content_bias = None if relative_terms is None else relative_terms.content_bias
     if content_bias is not None and jnp.shape(content_bias) != (heads, dim):
         raise ValueError(
@@ -365,7 +393,7 @@ def dot_product_attention(
         (q_len, k_len),
         batch,
         (q_seg, k_seg) if restart else None,
-        needed=causal or bias_fn is not None or relative_terms is not None,
+        needed=causal or any(x is not None for x in (bias_fn, relative_terms, alternate)),
     )
     if mask is not None:
         mask = mask_as_rank4(mask, (batch, heads, q_len, k_len))
@@ -375,12 +403,20 @@ def dot_product_attention(
         # that may attend to no key, as for any fully masked row.
         return jnp.zeros((batch, q_len, heads, v.shape[-1]), q.dtype)
     values = (None, None) if token_bias is None else token_bias[:2]
-    token_bias_fn = None if token_bias is None else token_bias.fn
-    terms = Terms(scale, causal, bias_fn, relative_terms, token_bias_fn)
+    alternates = (None, None) if alternate is None else map(heads_first, alternate[:2])
+    extra = tuple(map(PerToken, values, alternates))
+    terms = Terms(
+        scale,
+        causal,
+        bias_fn,
+        relative_terms,
+        None if token_bias is None else token_bias.fn,
+        None if alternate is None else alternate.select,
+    )
     q, k, v = (heads_first(x) for x in (q, k, v))
     if implementation == "xla":
-        block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *values)
+        block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *extra)
         out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
     else:
-        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks, values)
+        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks, extra)
     return heads_first(out).astype(q.dtype)
