@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from jax_posenc import _checks, absolute, bias, layers, registry, relative, rope
+from jax_posenc import _checks, absolute, bias, content, layers, registry, relative, rope
 
 __all__ = [
     "AlibiBias",
@@ -80,8 +80,11 @@ _EXAMPLE_INPUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
         _positions(),
         _positions(),
     ),
+    # A token-bias module (FoX) reads per-token features `[B, L, F]`; its example size
+    # (`head_dim=` when generated) is the feature width F.
+    "token_bias": lambda num_heads, width: (np.zeros((1, 1, width), np.float32),),
 }
-_ROLES_WITH_ACTIVATIONS = ("qk_transform", "relative_terms")
+_ROLES_WITH_ACTIVATIONS = ("qk_transform", "relative_terms", "token_bias")
 _NOT_FIELDS = ("parent", "name")
 
 
@@ -273,7 +276,9 @@ def from_registry(
         raise ValueError(
             f"encoding {encoding!r} contributes {list(registered.contributes)}, not {role!r}"
         )
-    return from_linen(factory(spec), role, rngs=rngs, head_dim=spec.head_dim)
+    # A token-bias module reads the model layer's input x: d_model features per token.
+    width = spec.d_model if role == "token_bias" else spec.head_dim
+    return from_linen(factory(spec), role, rngs=rngs, head_dim=width)
 
 
 SinusoidalEmbedding = nnx_class(absolute.SinusoidalEmbedding, "input_embedding")
@@ -288,6 +293,8 @@ TransformerXLRelativePosition = nnx_class(relative.TransformerXLRelativePosition
 RotaryEmbedding = nnx_class(rope.RotaryEmbedding, "qk_transform")
 XPosEmbedding = nnx_class(rope.XPosEmbedding, "qk_transform")
 MultiAxisRotaryEmbedding = nnx_class(rope.MultiAxisRotaryEmbedding, "qk_transform")
+SelfExtendRotaryEmbedding = nnx_class(content.SelfExtendRotaryEmbedding, "qk_transform")
+ForgettingGate = nnx_class(content.ForgettingGate, "token_bias")
 
 
 class AttentionFn(nnx.Module):

@@ -87,6 +87,8 @@ INPUTS = {
         Q_POSITIONS,
         K_POSITIONS,
     ),
+    # Per-token features of the key tokens, d_model (16) wide as in the model.
+    "token_bias": lambda: (_normal(3, (B, 7, 16)),),
 }
 
 
@@ -154,13 +156,17 @@ def _loss(module, role):
     if role == "relative_terms":
         values = _method_outputs(module, role)
         return sum(jnp.sum(jnp.sin(value)) for value in values)
-    return jnp.sum(jnp.sin(module(*inputs)))
+    out = module(*inputs)
+    # Uneven weights: FoX's bias c_i - c_j is antisymmetric, so a plain sum of sin cancels.
+    return jnp.sum(
+        jnp.sin(out) * jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    )
 
 
 def _has_parameters(name, options):
     if name == "rope":
         return bool(options.get("learnable_frequencies"))
-    return name not in ("sinusoidal", "alibi", "xpos")
+    return name not in ("sinusoidal", "alibi", "xpos", "selfextend")
 
 
 LEARNED_CASES = [case for case in CASES if _has_parameters(case.values[0], case.values[2])]
@@ -203,6 +209,8 @@ PUBLIC = [
     "TransformerXLRelativePosition",
     "RotaryEmbedding",
     "XPosEmbedding",
+    "SelfExtendRotaryEmbedding",
+    "ForgettingGate",
 ]
 
 
