@@ -28,8 +28,6 @@ functions, and attention reads only the combined `PositionalTerms`: a new role t
 this file and the attention core only.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 

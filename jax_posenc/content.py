@@ -36,7 +36,6 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -184,17 +183,18 @@ class ForgettingGate(nn.Module):
     function of `x` (through the key projection), with `F = Hkv * D` gate weights.
 
     Initialisation follows the reference implementation: weights normal(0.02), biases
-    zero (every gate starts near `sigmoid(0) = 1/2`).
+    zero (every gate starts near `sigmoid(0) = 1/2`); a positive `initial_bias` starts
+    with longer memories (`f = sigmoid(b)`).
 
     Attributes:
       num_heads: number of query heads H.
-      kernel_init: initializer of the `[F, H]` weights.
-      bias_init: initializer of the `[H]` biases.
+      kernel_stddev: standard deviation of the normal initial `[F, H]` weights.
+      initial_bias: initial value of the `[H]` biases.
     """
 
     num_heads: int
-    kernel_init: Callable = nn.initializers.normal(0.02)
-    bias_init: Callable = nn.initializers.zeros_init()
+    kernel_stddev: float = 0.02
+    initial_bias: float = 0.0
 
     @nn.compact
     def token_bias(self, context: TokenContext) -> TokenBias:
@@ -202,8 +202,10 @@ class ForgettingGate(nn.Module):
         num_heads = _checks.check_positive_int("num_heads", self.num_heads)
         inputs = _checks.check_floating_array("inputs", context.inputs)
         _checks.check_rank("inputs", inputs, 3)
-        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], num_heads), _F32)
-        bias = self.param("bias", self.bias_init, (num_heads,), _F32)
+        kernel_init = nn.initializers.normal(self.kernel_stddev)
+        bias_init = nn.initializers.constant(self.initial_bias)
+        kernel = self.param("kernel", kernel_init, (inputs.shape[-1], num_heads), _F32)
+        bias = self.param("bias", bias_init, (num_heads,), _F32)
         log_forget = log_forget_gates(inputs, kernel, bias)
         q_len = jnp.shape(context.q_positions)[-1]
         if q_len == inputs.shape[1]:  # self-attention: the queries are the key tokens

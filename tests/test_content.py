@@ -251,6 +251,9 @@ def test_forgetting_gate_module_materializes_the_reference_bias():
     gate = pe.ForgettingGate(3)
     params = gate.init(jax.random.key(0), x)["params"]
     assert {name: p.shape for name, p in params.items()} == {"kernel": (5, 3), "bias": (3,)}
+    longer = pe.ForgettingGate(3, kernel_stddev=0.0, initial_bias=2.0).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(longer["params"]["bias"], [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(longer["params"]["kernel"], np.zeros((5, 3)))
     params = {"kernel": _normal(22, (5, 3)), "bias": _normal(23, (3,))}
     got = gate.apply({"params": params}, x)
     log_forget = forget_gates_reference(x, params["kernel"], params["bias"])
