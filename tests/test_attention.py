@@ -884,5 +884,8 @@ def test_every_encoding_agrees_with_xla_at_every_block_size_the_table_chooses(na
         grads, out = jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))(q, k, v, params)
         return out, grads
 
-    # Parameter gradients sum ~10^6 terms here: float32 rounding is relative.
-    _assert_same(run("xla", None), run("blockwise", block_size), atol=5e-5, rtol=2e-5)
+    # Parameter gradients sum ~10^6 terms here: float32 rounding is relative. FoX's gate
+    # bias gradient weights every logit gradient by its distance (up to 600 here), which
+    # scales its rounding: xla and blockwise are each ~5e-5 from float64 there.
+    rtol = 1e-4 if name == "fox" else 2e-5
+    _assert_same(run("xla", None), run("blockwise", block_size), atol=5e-5, rtol=rtol)
