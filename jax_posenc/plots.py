@@ -24,8 +24,11 @@ with parameters at initialization), and `rope_scalings.png`:
 * input embeddings (sinusoidal, learned): the table `[position, feature]` and the
   cosine similarity of its rows;
 * RoPE: the wavelength of each frequency band against the training length; xPos: its
-  per-band decay against the distance; NoPE: the only positional signal it has, the
-  uniform causal attention weight `1 / (t + 1)`;
+  per-band decay against the distance; SelfExtend: the relative position its rotation
+  uses against the true distance; NoPE: the only positional signal it has, the uniform
+  causal attention weight `1 / (t + 1)`;
+* biases computed from the tokens (FoX): the bias of one random input against the
+  distance, one curve per head;
 * `rope_scalings.png`: what each context-extension scaling does to each band
   (wavelength, and frequency ratio to plain RoPE), with the original context marked.
 """
@@ -49,7 +52,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
 
-from jax_posenc import _files, registry, rope, rope_scaling, train
+from jax_posenc import _files, content, registry, rope, rope_scaling, train
 
 FAMILY_COLOURS = {
     "absolute": "#1f77b4",
@@ -687,7 +690,51 @@ def _plot_unknown(encoding, path, sizes, trained) -> Path:
     return _save(figure, path)
 
 
-_SPECIAL = {"none": _plot_nope, "rope": _plot_rope, "xpos": _plot_xpos}
+def _plot_selfextend(encoding, path, sizes, trained) -> Path:
+    """SelfExtend: the relative position RoPE sees against the true distance."""
+    module = _module(encoding, "qk_transform", sizes)
+    group, window = module.group_size, module.window
+    span = max(sizes.length, 4 * window)
+    query, keys = jnp.array([[span - 1]]), jnp.arange(span)[None]
+    grouped_q, grouped_k = content.self_extend_positions(
+        query, keys, group_size=group, window=window
+    )
+    distance = np.arange(span)[::-1]
+    seen = np.where(distance < window, distance, np.asarray(grouped_q[0, 0] - grouped_k[0]))
+    figure = _figure(figsize=(7.5, 4.6))
+    axes = figure.subplots()
+    axes.plot(distance, distance, color="lightgrey", linewidth=2, label="plain RoPE")
+    axes.plot(distance, seen, color=FAMILY_COLOURS["rotary"], label=encoding)
+    _mark_training_length(axes, sizes.train_len)
+    axes.axvline(window, color="black", linestyle=":", linewidth=1)
+    axes.annotate(
+        f"neighbour window {window}",
+        (window, 0.02),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, 0),
+        textcoords="offset points",
+        fontsize=_FONT - 1,
+    )
+    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+    axes.set_ylabel("relative position the rotation uses", fontsize=_FONT)
+    axes.legend(fontsize=_FONT - 1)
+    axes.grid(alpha=0.3)
+    axes.tick_params(labelsize=_FONT)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        f"group size {group}, window {window} (its defaults): within the window it is plain "
+        f"RoPE; {_caption(trained, False)}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
+_SPECIAL = {
+    "none": _plot_nope,
+    "rope": _plot_rope,
+    "xpos": _plot_xpos,
+    "selfextend": _plot_selfextend,
+}
 _BY_ROLE = {
     "qk_transform": _plot_qk_transform,
     "logit_bias": _plot_bias,

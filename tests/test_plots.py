@@ -120,6 +120,7 @@ def test_each_family_has_one_colour_and_each_member_its_own_line():
         "none": "none", "sinusoidal": "absolute", "learned": "absolute", "rope": "rotary",
         "xpos": "rotary", "alibi": "bias", "t5": "bias", "kerple": "bias", "fire": "bias",
         "dpb": "bias", "shaw": "relative", "transformer_xl": "relative", "fox": "content",
+        "selfextend": "rotary",
     }  # fmt: skip
     for name, kind in expected.items():
         assert plots.family(name) == kind
