@@ -213,6 +213,22 @@ class PositionalTerms(NamedTuple):
         q, k = self.alternate_qk.transform(q, k, q_positions, k_positions)
         return AlternateLogits(q, k, self.alternate_qk.select)
 
+    def prepare(self, q, k, q_positions, k_positions) -> tuple[jax.Array, jax.Array, dict]:
+        """`(q, k, attention_arguments)`: the transformed queries and keys, and every
+        other term as the keyword arguments of `dot_product_attention` (`bias_fn`,
+        `relative_terms`, `token_bias`, `alternate`). The model and `make_attention_fn`
+        both call attention this way, so a new term touches this class and the attention
+        core only."""
+        alternate = self.alternate(q, k, q_positions, k_positions)
+        q, k = self.transform(q, k, q_positions, k_positions)
+        arguments = {
+            "bias_fn": self.bias_fn,
+            "relative_terms": self.relative_terms,
+            "token_bias": self.token_bias,
+            "alternate": alternate,
+        }
+        return q, k, arguments
+
 
 def sum_of(fns: Sequence[Callable | None]) -> Callable | None:
     """The pointwise sum of the given callables (None when there are none)."""

@@ -240,8 +240,7 @@ def make_attention_fn(
             terms = _protocols.combine(
                 [_protocols.terms_of(role, _bound(m), context) for _, role, m in modules]
             )
-            alternate = terms.alternate(query, key, q_pos, k_pos)  # SelfExtend
-            query, key = terms.transform(query, key, q_pos, k_pos)
+            query, key, arguments = terms.prepare(query, key, q_pos, k_pos)
         except _NO_PARAMETERS as error:
             raise ValueError(
                 f"encoding {encoding!r} has learned parameters, so the attention_fn must run "
@@ -253,10 +252,7 @@ def make_attention_fn(
             query,
             key,
             value,
-            bias_fn=terms.bias_fn,
-            relative_terms=terms.relative_terms,
-            token_bias=terms.token_bias,
-            alternate=alternate,
+            **arguments,
             q_positions=q_pos,
             k_positions=k_pos,
             mask=mask,

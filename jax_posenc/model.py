@@ -260,16 +260,12 @@ class SelfAttention(nn.Module):
                 for role, name in self.positional_roles
             ]
         )
-        alternate = terms.alternate(q, k, positions, positions)  # SelfExtend
-        q, k = terms.transform(q, k, positions, positions)
+        q, k, arguments = terms.prepare(q, k, positions, positions)
         out = dot_product_attention(
             q,
             k,
             v,
-            bias_fn=terms.bias_fn,
-            relative_terms=terms.relative_terms,
-            token_bias=terms.token_bias,
-            alternate=alternate,
+            **arguments,
             q_positions=positions,
             k_positions=positions,
             causal=True,
