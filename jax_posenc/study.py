@@ -751,19 +751,23 @@ def summarize(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         order = sorted(stats, key=lambda n: stats[n]["mean"], reverse=higher)
         best, worst = order[0], order[-1]
         seeds = min(s["n"] for s in stats.values())
+        equal_best = [n for n in order if stats[n]["mean"] == stats[best]["mean"]]
         tied = [
             name
-            for name in order[1:]
+            for name in order
             if seeds > 1
+            and name not in equal_best
             and stats[name]["min"] <= stats[best]["max"]
             and stats[name]["max"] >= stats[best]["min"]
         ]
         summary.append(
             {
                 "title": title,
-                "best": best,
+                # Encodings with exactly the same numbers (e.g. SelfExtend with a window
+                # wider than the longest length is RoPE) share a place, joined by " = ".
+                "best": " = ".join(equal_best),
                 "best_value": stats[best]["mean"],
-                "worst": worst,
+                "worst": " = ".join(n for n in order if stats[n]["mean"] == stats[worst]["mean"]),
                 "worst_value": stats[worst]["mean"],
                 "within_spread_of_best": tied,
                 "seeds": seeds,
