@@ -17,15 +17,20 @@ it one block at a time and never hold a `q_len x k_len` table it did not ask for
 * `AlternateQk`: a second positioning of q and k whose content logits replace the usual
   ones on the pairs a position rule selects (SelfExtend: grouped positions for distant
   keys). A qk-transform module offers it through an `alternate()` method.
+* `ContextualBias`: a logit term that reads whole rows of content logits and the mask
+  (CoPE: positions counted by gates `sigmoid(q_i . k_t)` over the keys between key and
+  query). It needs every key of a row at once, so attention evaluates it on the xla
+  path only.
 
 An encoding's parts are modules that play one *role* each (`ROLES`): a qk transform, a
-logit bias (`module.bias_fn()`), relative terms (`module.terms()`) or a token bias
-(`module.token_bias(context)`, reading the layer's tokens from a `TokenContext`).
+logit bias (`module.bias_fn()`), relative terms (`module.terms()`), a token bias
+(`module.token_bias(context)`, reading the layer's tokens from a `TokenContext`) or a
+contextual bias (`module.contextual_bias()`).
 `terms_of` turns one module into `PositionalTerms`; `combine` merges several, as
 `optax.chain` merges transforms (qk transforms compose in order, biases, relative terms
-and token biases add up). The model and `make_attention_fn` both go through these two
-functions, and attention reads only the combined `PositionalTerms`: a new role touches
-this file and the attention core only.
+and token biases add up; at most one part gives a contextual bias). The model and
+`make_attention_fn` both go through these two functions, and attention reads only the
+combined `PositionalTerms`: a new role touches this file and the attention core only.
 """
 
 from collections.abc import Callable, Sequence
@@ -182,6 +187,42 @@ class AlternateLogits(NamedTuple):
     select: PairSelectFn
 
 
+class ContextualBiasFn(Protocol):
+    """`fn(q, content_logits, allowed, params) -> [B or 1, H or 1, Lq, Lk]` float32.
+
+    Arguments: `q` `[B, Lq, H, D]`, the queries attention uses (after any qk transform)
+    already multiplied by the softmax scale; `content_logits` float32 `[B, H, Lq, Lk]`,
+    the content logits `scale * q . k` of those queries and keys (with an
+    `AlternateLogits`, after its merge); `allowed` a bool array broadcastable to
+    `[B, H, Lq, Lk]`, True where the query may attend to the key (mask, causality,
+    segments), or None where every pair is allowed; `params` the `ContextualBias.params`.
+    Called once per attention call with every key of each row; its gradients (to q, k
+    through the content logits, and to `params`) are those of ordinary autodiff.
+    """
+
+    def __call__(
+        self, q: jax.Array, content_logits: jax.Array, allowed: jax.Array | None, params: Any
+    ) -> jax.Array: ...
+
+
+class ContextualBias(NamedTuple):
+    """A logit term computed from whole rows of content logits (CoPE).
+
+    `bias = fn(scale * q, content_logits, allowed, params)`, added to the logits. Unlike
+    the other terms it is not evaluated one block at a time: a contextual position is a
+    sum over every allowed key from the key to the query, so attention takes it on the
+    xla path only (memory `O(Lq * Lk)`) and refuses blockwise implementations.
+
+    Attributes:
+      params: a pytree of arrays `fn` reads (CoPE's position embeddings); their
+        gradients are returned like those of q and k.
+      fn: a `ContextualBiasFn`.
+    """
+
+    params: Any
+    fn: ContextualBiasFn
+
+
 class PositionalTerms(NamedTuple):
     """Everything an encoding contributes to one attention call; any field may be None.
 
@@ -191,6 +232,7 @@ class PositionalTerms(NamedTuple):
       relative_terms: content-dependent `RelativeTerms`.
       token_bias: a `TokenBias` over per-token values of queries and keys.
       alternate_qk: an `AlternateQk` applied to the same projections as `qk_transform`.
+      contextual_bias: a `ContextualBias` reading whole rows of content logits (CoPE).
     """
 
     qk_transform: QkTransform | None = None
@@ -198,6 +240,7 @@ class PositionalTerms(NamedTuple):
     relative_terms: RelativeTerms | None = None
     token_bias: TokenBias | None = None
     alternate_qk: AlternateQk | None = None
+    contextual_bias: ContextualBias | None = None
 
     def transform(self, q, k, q_positions, k_positions) -> tuple[jax.Array, jax.Array]:
         """`(q, k)` after the qk transform (unchanged without one)."""
@@ -216,9 +259,9 @@ class PositionalTerms(NamedTuple):
     def prepare(self, q, k, q_positions, k_positions) -> tuple[jax.Array, jax.Array, dict]:
         """`(q, k, attention_arguments)`: the transformed queries and keys, and every
         other term as the keyword arguments of `dot_product_attention` (`bias_fn`,
-        `relative_terms`, `token_bias`, `alternate`). The model and `make_attention_fn`
-        both call attention this way, so a new term touches this class and the attention
-        core only."""
+        `relative_terms`, `token_bias`, `alternate`, `contextual_bias`). The model and
+        `make_attention_fn` both call attention this way, so a new term touches this
+        class and the attention core only."""
         alternate = self.alternate(q, k, q_positions, k_positions)
         q, k = self.transform(q, k, q_positions, k_positions)
         arguments = {
@@ -226,6 +269,7 @@ class PositionalTerms(NamedTuple):
             "relative_terms": self.relative_terms,
             "token_bias": self.token_bias,
             "alternate": alternate,
+            "contextual_bias": self.contextual_bias,
         }
         return q, k, arguments
 
@@ -292,16 +336,25 @@ def _alternate(parts: Sequence[PositionalTerms]) -> AlternateQk | None:
     return AlternateQk(_compose(transforms), owners[0].alternate_qk.select)
 
 
+def _contextual_bias(parts: Sequence[PositionalTerms]) -> ContextualBias | None:
+    biases = [part.contextual_bias for part in parts if part.contextual_bias is not None]
+    if len(biases) > 1:
+        raise ValueError("at most one part may contribute a contextual bias")
+    return biases[0] if biases else None
+
+
 def combine(parts: Sequence[PositionalTerms]) -> PositionalTerms:
     """The terms of several parts together: qk transforms compose in the given order,
     logit biases, relative terms and token biases add up; an alternate positioning
-    (at most one) composes with the other parts' qk transforms in the same order."""
+    (at most one) composes with the other parts' qk transforms in the same order; a
+    contextual bias (at most one) is kept as it is."""
     return PositionalTerms(
         qk_transform=_compose([part.qk_transform for part in parts]),
         bias_fn=sum_of([part.bias_fn for part in parts]),
         relative_terms=sum_relative_terms([part.relative_terms for part in parts]),
         token_bias=sum_token_biases([part.token_bias for part in parts]),
         alternate_qk=_alternate(parts),
+        contextual_bias=_contextual_bias(parts),
     )
 
 
@@ -329,6 +382,9 @@ ROLES: dict[str, Callable[[Any, TokenContext | None], PositionalTerms]] = {
     "logit_bias": lambda module, context: PositionalTerms(bias_fn=module.bias_fn()),
     "relative_terms": lambda module, context: PositionalTerms(relative_terms=module.terms()),
     "token_bias": _token_bias,
+    "contextual_bias": lambda module, context: PositionalTerms(
+        contextual_bias=module.contextual_bias()
+    ),
 }
 
 

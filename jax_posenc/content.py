@@ -25,12 +25,23 @@ than the sequence, so every position the model will meet at longer test lengths 
 been seen in training, and any position-based encoding (RoPE, ALiBi, T5, learned, ...)
 can use them through the model's `positions=` argument.
 
+CoPE counts positions with the content: query i gives each key t a gate
+`g_it = sigmoid(scale * q_i . k_t)`, and key j sits at the contextual position
+`p_ij = sum_{t=j..i} g_it` (the gates of the allowed keys from j up to the query), a
+fractional number a head may use to count words, sentences or any unit its gates pick.
+Positions are clipped to `num_positions - 1` and read from learned embeddings `e[n]` by
+linear interpolation, adding `scale * q_i . e(p_ij)` to the logits. A position is a sum
+over every key between key and query, so the term is evaluated on whole rows
+(`jax_posenc.ContextualBias`, attention's xla path, memory `O(L^2)`).
+
 References:
   Lin et al., 2025, Forgetting Transformer: Softmax Attention with a Forget Gate (ICLR).
   Jin et al., 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning
     (ICML).
   Ruoss et al., 2023, Randomized Positional Encodings Boost Length Generalization of
     Transformers (ACL).
+  Golovneva et al., 2024, Contextual Position Encoding: Learning to Count What's
+    Important (arXiv 2405.18719).
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_posenc import _checks, rope
-from jax_posenc._protocols import AlternateQk, TokenBias, TokenContext
+from jax_posenc._protocols import AlternateQk, ContextualBias, TokenBias, TokenContext
 from jax_posenc.rope_scaling import RopeScaling
 
 _F32 = jnp.float32
@@ -375,3 +386,174 @@ class SelfExtendRotaryEmbedding(nn.Module):
             return self._rope(q, k, *positions)
 
         return AlternateQk(grouped, functools.partial(self_extend_select, window=window))
+
+
+# ------------------------------------------------------------------------------- CoPE
+
+
+def cope_positions(
+    gate_logits: jax.Array, allowed: jax.Array | None = None, *, num_positions: int
+) -> jax.Array:
+    """CoPE's contextual positions, float32 `[B, H, Lq, Lk]`.
+
+    `p_ij = min(sum_{t >= j, allowed_it} sigmoid(gate_logits_it), num_positions - 1)`:
+    the gates of the allowed keys from key j to the end of query i's row, which under a
+    causal mask is `sum_{t=j..i} g_it` (Golovneva et al., 2024, sec. 3). Keys that
+    may not be attended to (mask, causality, other documents) add nothing. The sum runs
+    in the order the keys are stored (reverse cumulative sum, nothing cancels).
+
+    Args:
+      gate_logits: `[B, H, Lq, Lk]` logits of the gates; attention passes its content
+        logits `scale * q . k`, as the reference implementation does.
+      allowed: bool broadcastable to `[B, H, Lq, Lk]`, or None for every pair.
+      num_positions: size of the embedding table; positions are clipped to
+        `num_positions - 1` (`npos` of the reference code).
+    """
+    num_positions = _checks.check_positive_int("num_positions", num_positions)
+    gate_logits = _checks.check_floating_array("gate_logits", gate_logits)
+    _checks.check_rank("gate_logits", gate_logits, 4)
+    gates = jax.nn.sigmoid(gate_logits.astype(_F32))
+    if allowed is not None:
+        gates = jnp.where(allowed, gates, 0.0)
+    positions = lax.cumsum(gates, axis=3, reverse=True)
+    return jnp.minimum(positions, float(num_positions - 1))
+
+
+def cope_position_logits(q: jax.Array, positions: jax.Array, embeddings: jax.Array) -> jax.Array:
+    """`q_i . e(p_ij)` with `e` interpolated between integer positions, float32
+    `[B, H, Lq, Lk]`.
+
+    With `z_i[n] = q_i . e[n]`, the term is `(1 - w) z_i[floor p] + w z_i[ceil p]`,
+    `w = p - floor p` (Golovneva et al., 2024, sec. 3): one `[Lq, num_positions]` product
+    per head instead of an embedding per pair. The gradient reaches the positions (hence
+    the gates) through `w`.
+
+    Args:
+      q: `[B, Lq, H, D]` queries (attention passes them times the softmax scale).
+      positions: `[B or 1, H or 1, Lq, Lk]` contextual positions in
+        `[0, num_positions - 1]` (`cope_positions`).
+      embeddings: `[H or 1, num_positions, D]` position embeddings, one table per head or
+        one shared by all heads.
+    """
+    _checks.check_floating_array("q", q)
+    _checks.check_rank("q", q, 4)
+    _checks.check_rank("positions", positions, 4)
+    embeddings = _checks.check_floating_array("embeddings", embeddings)
+    _checks.check_rank("embeddings", embeddings, 3)
+    batch, q_len, heads, dim = q.shape
+    if embeddings.shape[0] not in (1, heads) or embeddings.shape[2] != dim:
+        raise ValueError(
+            f"embeddings must have shape [H or 1, num_positions, D] = [{heads} or 1, n, {dim}] "
+            f"for q {list(q.shape)}, got {list(embeddings.shape)}"
+        )
+    table = jnp.broadcast_to(embeddings, (heads, *embeddings.shape[1:])).astype(q.dtype)
+    fixed = jnp.einsum("bqhd,hnd->bhqn", q, table, preferred_element_type=_F32)
+    shape = (batch, heads, q_len, positions.shape[3])
+    positions = jnp.broadcast_to(positions.astype(_F32), shape)
+    floor = jnp.floor(positions)
+    weight = positions - floor
+    lower = jnp.take_along_axis(fixed, floor.astype(jnp.int32), axis=3)
+    upper = jnp.take_along_axis(fixed, jnp.ceil(positions).astype(jnp.int32), axis=3)
+    return (1.0 - weight) * lower + weight * upper
+
+
+def cope_bias(
+    q: jax.Array, content_logits: jax.Array, allowed: jax.Array | None, embeddings: jax.Array
+) -> jax.Array:
+    """CoPE's logit term, a `jax_posenc.ContextualBiasFn`, float32 `[B, H, Lq, Lk]`.
+
+    `cope_position_logits(q, cope_positions(content_logits, allowed), embeddings)` with
+    `num_positions = embeddings.shape[1]`. Attention calls it with the queries times
+    the softmax scale and its content logits `scale * q . k`, so the logits become
+    `scale * (q_i . k_j + q_i . e(p_ij))` with gates `sigmoid(scale * q_i . k_t)`: the
+    reference implementation's default (both terms divided by `sqrt(D)`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_posenc as pe
+      >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 32, 4, 8))  # [B, L, H, D]
+      >>> table = 0.1 * jax.random.normal(jax.random.key(1), (1, 33, 8))  # [1, npos, D]
+      >>> out = pe.dot_product_attention(
+      ...     q, k, v, contextual_bias=pe.ContextualBias(table, pe.cope_bias), causal=True
+      ... )
+      >>> out.shape
+      (1, 32, 4, 8)
+    """
+    embeddings = _checks.check_floating_array("embeddings", embeddings)
+    _checks.check_rank("embeddings", embeddings, 3)
+    positions = cope_positions(content_logits, allowed, num_positions=embeddings.shape[1])
+    return cope_position_logits(q, positions, embeddings)
+
+
+class ContextualPositionEmbedding(nn.Module):
+    """CoPE (Golovneva et al., 2024): learned embeddings of contextual positions.
+
+    Parameter `embeddings` `[1, num_positions, head_dim]` (one table shared by the heads
+    of the layer, as in the reference code) or `[num_heads, num_positions, head_dim]`
+    with `shared_across_heads=False`; zeros at initialization, as in the reference code
+    (the term starts at 0 and the table learns from the first step). The gates are
+    those of the attention it is used in, so `contextual_bias()` gives a
+    `jax_posenc.ContextualBias` (`cope_bias` with this table) that attention evaluates
+    from its own content logits and mask: on the xla path only (`implementation="auto"`
+    picks it at every length; "blockwise" raises), memory `O(Lq * Lk)`.
+
+    Combined with a qk transform ("cope+rope") the gates and the term read the queries
+    and keys as attention does, i.e. rotated; with a logit bias ("cope+alibi") the gates
+    read the content logits without the bias.
+
+    Attributes:
+      num_heads: query heads H.
+      head_dim: features per head D.
+      num_positions: table size; contextual positions are clipped to
+        `num_positions - 1` (the reference uses the training length + 1).
+      shared_across_heads: one table for all heads (the reference) or one per head.
+      embedding_stddev: standard deviation of normal initial embeddings; 0 for zeros.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_positions: int
+    shared_across_heads: bool = True
+    embedding_stddev: float = 0.0
+
+    @nn.compact
+    def contextual_bias(self) -> ContextualBias:
+        """The `ContextualBias` of one attention call (the `contextual_bias` role)."""
+        num_heads = _checks.check_positive_int("num_heads", self.num_heads)
+        head_dim = _checks.check_positive_int("head_dim", self.head_dim)
+        num_positions = _checks.check_positive_int("num_positions", self.num_positions)
+        if not self.embedding_stddev >= 0.0:
+            raise ValueError(f"embedding_stddev must be >= 0, got {self.embedding_stddev}")
+        init = (
+            nn.initializers.normal(self.embedding_stddev)
+            if self.embedding_stddev
+            else nn.initializers.zeros
+        )
+        tables = 1 if self.shared_across_heads else num_heads
+        embeddings = self.param("embeddings", init, (tables, num_positions, head_dim), _F32)
+        return ContextualBias(embeddings, cope_bias)
+
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        q_positions: jax.Array | None = None,
+        k_positions: jax.Array | None = None,
+        *,
+        causal: bool = True,
+    ) -> jax.Array:
+        """The materialized term `scale * q_i . e(p_ij)` `[B, H, Lq, Lk]` for q
+        `[B, Lq, H, D]` and k `[B, Lk, Hkv, D]`, `scale = 1 / sqrt(D)`, gates over the
+        keys with `k_pos <= q_pos` (all keys when `causal=False`); positions default to
+        `arange(Lk)`, queries being the key tokens."""
+        _checks.check_rank("q", q, 4)
+        _checks.check_rank("k", k, 4)
+        k_positions = jnp.arange(k.shape[1]) if k_positions is None else k_positions
+        q_positions = k_positions if q_positions is None else q_positions
+        q_rows, k_rows = _checks.check_position_pair(q_positions, k_positions)
+        scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], _F32))
+        keys = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+        content_logits = scale * jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=_F32)
+        allowed = (q_rows[:, None, :, None] >= k_rows[:, None, None, :]) if causal else None
+        terms = self.contextual_bias()
+        return terms.fn((q * scale).astype(q.dtype), content_logits, allowed, terms.params)

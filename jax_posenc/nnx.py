@@ -38,6 +38,7 @@ from jax_posenc import _checks, absolute, bias, content, layers, registry, relat
 __all__ = [
     "AlibiBias",
     "AttentionFn",
+    "ContextualPositionEmbedding",
     "DynamicPositionBias",
     "FireBias",
     "KerpleBias",
@@ -83,8 +84,12 @@ _EXAMPLE_INPUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
     # A token-bias module (FoX) reads per-token features `[B, L, F]`; its example size
     # (`head_dim=` when generated) is the feature width F.
     "token_bias": lambda num_heads, width: (np.zeros((1, 1, width), np.float32),),
+    "contextual_bias": lambda num_heads, head_dim: (
+        _activations(num_heads, head_dim),
+        _activations(num_heads, head_dim),
+    ),
 }
-_ROLES_WITH_ACTIVATIONS = ("qk_transform", "relative_terms", "token_bias")
+_ROLES_WITH_ACTIVATIONS = ("qk_transform", "relative_terms", "token_bias", "contextual_bias")
 _NOT_FIELDS = ("parent", "name")
 
 
@@ -183,7 +188,8 @@ def nnx_class(linen_class: type[nn.Module], role: str) -> type[nnx.Module]:
     the keyword `rngs`, needed where parameters start random. They are initialised on
     construction by calling the linen module on example inputs of the role
     ("input_embedding": positions `[1, 1]`; "logit_bias": two of them; "qk_transform"
-    and "relative_terms": q and k `[1, 1, H, D]` and positions, with H and D from the
+    and "relative_terms": q and k `[1, 1, H, D]` and positions, "contextual_bias": q and
+    k alone, with H and D from the
     fields `num_heads` and `head_dim`, a "qk_transform" taking D from an extra keyword
     `head_dim` or else `rotary_dim`). The linen module's public methods and `__call__`
     are methods of the class; its parameters are attributes under their linen names.
@@ -192,7 +198,7 @@ def nnx_class(linen_class: type[nn.Module], role: str) -> type[nnx.Module]:
       linen_class: a linen module class whose parameter shapes do not depend on the
         sequence length.
       role: the registry factory field it is built by, one of "input_embedding",
-        "qk_transform", "logit_bias", "relative_terms".
+        "qk_transform", "logit_bias", "relative_terms", "token_bias", "contextual_bias".
 
     Returns:
       A subclass of `flax.nnx.bridge.ToNNX`; one class per `(linen_class, role)`.
@@ -265,7 +271,8 @@ def from_registry(
 
     Args:
       encoding: a registered name (not a "+" combination).
-      role: "input_embedding", "qk_transform", "logit_bias" or "relative_terms".
+      role: "input_embedding", "qk_transform", "logit_bias", "relative_terms",
+        "token_bias" or "contextual_bias".
       spec: the model's sizes and options, passed to the factory.
       rngs: initialises random parameters.
     """
@@ -295,6 +302,7 @@ XPosEmbedding = nnx_class(rope.XPosEmbedding, "qk_transform")
 MultiAxisRotaryEmbedding = nnx_class(rope.MultiAxisRotaryEmbedding, "qk_transform")
 SelfExtendRotaryEmbedding = nnx_class(content.SelfExtendRotaryEmbedding, "qk_transform")
 ForgettingGate = nnx_class(content.ForgettingGate, "token_bias")
+ContextualPositionEmbedding = nnx_class(content.ContextualPositionEmbedding, "contextual_bias")
 
 
 class AttentionFn(nnx.Module):

@@ -1,7 +1,7 @@
 """Encodings by name, each declaring what it contributes to a transformer.
 
 A model reads only this registry: it never special-cases an encoding. An `Encoding`
-holds up to five factories, one per place a positional term can enter attention:
+holds up to six factories, one per place a positional term can enter attention:
 
 * `input_embedding(spec) -> linen Module`, called as `module(positions) -> [B, S, d_model]`
   and added to the token embeddings (sinusoidal, learned).
@@ -17,6 +17,9 @@ holds up to five factories, one per place a positional term can enter attention:
   (Forgetting Transformer). Its `token_bias(context)` method reads a
   `jax_posenc.TokenContext` (the layer's token features, positions, segment ids) and
   returns a `jax_posenc.TokenBias`.
+* `contextual_bias(spec) -> linen Module` for terms read from whole rows of content
+  logits (CoPE). Its `contextual_bias()` method returns a `jax_posenc.ContextualBias`,
+  which attention evaluates on its xla path only.
 
 Factories receive one `EncodingSpec` and are called once per attention layer (or once
 per model for the input embedding). Combinations are written with "+", e.g.
@@ -171,12 +174,14 @@ class Encoding:
     logit_bias: Factory | None = None
     relative_terms: Factory | None = None
     token_bias: Factory | None = None
+    contextual_bias: Factory | None = None
     causal_only: bool = False
     takes_layer: Callable[[int, int], bool] | None = None
 
     @property
     def contributes(self) -> tuple[str, ...]:
         parts = ("input_embedding", "qk_transform", "logit_bias", "relative_terms", "token_bias")
+        parts += ("contextual_bias",)
         return tuple(part for part in parts if getattr(self, part) is not None)
 
 
@@ -542,5 +547,25 @@ register(
         ),
         qk_transform=_selfextend,
         causal_only=True,
+    )
+)
+
+
+def _cope(spec: EncodingSpec) -> nn.Module:
+    module = content.ContextualPositionEmbedding
+    options = spec.take_options("cope", module, fixed=("num_heads", "head_dim"))
+    # The reference sizes the table for every count a row can reach: length + 1.
+    options.setdefault("num_positions", spec.max_positions + 1)
+    return module(spec.num_heads, spec.head_dim, **options)
+
+
+register(
+    Encoding(
+        name="cope",
+        description=(
+            "CoPE: positions counted by gates sigmoid(q.k) from the key to the query, "
+            "interpolated learned embeddings (Golovneva et al., 2024); xla attention only."
+        ),
+        contextual_bias=_cope,
     )
 )

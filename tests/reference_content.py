@@ -6,6 +6,14 @@ Forgetting Transformer (Lin et al., 2025, eqs. 4-6): per head h and token t,
 cumulative sums), and only over tokens of the query's own document when sequences are
 packed (attention never crosses documents).
 
+CoPE (Golovneva et al., 2024, sec. 3): query i gates key t with
+`g_it = sigmoid(q_i . k_t / sqrt(D))`; key j sits at `p_ij = sum_{t=j..i} g_it` (the
+allowed keys between them), clipped to `npos - 1`; the embedding at a fractional
+position is the linear interpolation of the two integer neighbours,
+`e(p) = (1 - w) e[floor p] + w e[ceil p]`, `w = p - floor p`, and the logit is
+`(q_i . k_j + q_i . e(p_ij)) / sqrt(D)` (the reference code's default scaling). Formed
+pair by pair, the interpolated vector first (no table of dot products).
+
 SelfExtend (Jin et al., 2024): exact RoPE positions for keys within a neighbour window
 of the query, grouped ones (floor division by the group size, the query shifted by
 `window - window // G`) beyond, chosen pair by pair.
@@ -99,3 +107,46 @@ def self_extend_logits_reference(q, k, q_positions, k_positions, *, group_size, 
                     q_rot, k_rot = exact if near else grouped
                     logits[b, h, i, j] = q_rot[b, i, h] @ k_rot[b, j, h // group] / np.sqrt(dim)
     return logits
+
+
+def cope_positions_reference(gate_logits, allowed, num_positions):
+    """`p` `[B, H, Lq, Lk]`: for each pair, the sum of the sigmoid gates of the allowed
+    keys t >= j of the row (t <= i under a causal mask), clipped to `num_positions - 1`."""
+    gate_logits = np.asarray(gate_logits, np.float64)
+    allowed = np.broadcast_to(allowed, gate_logits.shape)
+    gates = np.where(allowed, 1.0 / (1.0 + np.exp(-gate_logits)), 0.0)
+    positions = np.zeros(gate_logits.shape)
+    for index in np.ndindex(gate_logits.shape[:3]):
+        for j in range(gate_logits.shape[3]):
+            positions[(*index, j)] = sum(gates[(*index, t)] for t in range(j, gates.shape[3]))
+    return np.minimum(positions, num_positions - 1)
+
+
+def cope_bias_reference(q, k, embeddings, allowed):
+    """CoPE's logit term `q_i . e(p_ij) / sqrt(D)` `[B, H, Lq, Lk]` in float64, for q
+    `[B, Lq, H, D]`, k `[B, Lk, Hkv, D]`, embeddings `[H or 1, npos, D]`."""
+    q, k, embeddings = (np.asarray(a, np.float64) for a in (q, k, embeddings))
+    batch, q_len, heads, dim = q.shape
+    group = heads // k.shape[2]
+    scale = 1.0 / np.sqrt(dim)
+    gate_logits = np.zeros((batch, heads, q_len, k.shape[1]))
+    for b in range(batch):
+        for h in range(heads):
+            gate_logits[b, h] = scale * q[b, :, h] @ k[b, :, h // group].T
+    positions = cope_positions_reference(gate_logits, allowed, embeddings.shape[1])
+    bias = np.zeros(gate_logits.shape)
+    for b, h, i, j in np.ndindex(bias.shape):
+        table = embeddings[h if embeddings.shape[0] > 1 else 0]
+        p = positions[b, h, i, j]
+        lower, upper = int(np.floor(p)), int(np.ceil(p))
+        weight = p - lower
+        embedding = (1.0 - weight) * table[lower] + weight * table[upper]
+        bias[b, h, i, j] = scale * q[b, i, h] @ embedding
+    return bias
+
+
+def cope_attention_reference(q, k, v, embeddings, allowed):
+    """Float64 CoPE attention `[B, Lq, H, Dv]`; `allowed` broadcastable to
+    `[B, H, Lq, Lk]` masks the gates and the softmax alike."""
+    bias = cope_bias_reference(q, k, embeddings, allowed)
+    return attention_reference(q, k, v, bias=bias, allowed=allowed)

@@ -1,4 +1,5 @@
-"""Positions that depend on content or context: the token-bias protocol and FoX."""
+"""Positions that depend on content or context: the token-bias protocol, FoX,
+randomized positions, SelfExtend and CoPE."""
 
 import dataclasses
 
@@ -14,6 +15,9 @@ from jax.extend import core as jex_core
 from reference_attention import attention_reference
 from reference_content import (
     causal_allowed,
+    cope_attention_reference,
+    cope_bias_reference,
+    cope_positions_reference,
     forget_gates_reference,
     forgetting_bias_reference,
     fox_attention_reference,
@@ -571,3 +575,146 @@ def test_self_extend_is_registered_as_a_causal_rotary_encoding_and_trains():
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- CoPE
+
+COPE_SEGMENTS = np.array([[0] * 4 + [1] * 5, [0] * 9])
+
+
+def _cope_case(num_positions=5, tables=1, dtype=jnp.float32):
+    """Odd length 9, grouped-query heads (4 query, 2 kv), a table of `num_positions` rows
+    (5 < 9: long rows are clipped)."""
+    q = _normal(70, (2, 9, 4, 8), 1.5)
+    k, v = _normal(71, (2, 9, 2, 8), 1.5), _normal(72, (2, 9, 2, 8))
+    embeddings = _normal(73, (tables, num_positions, 8))
+    return (*(a.astype(dtype) for a in (q, k, v)), embeddings)
+
+
+def _cope_attention(q, k, v, embeddings, **kwargs):
+    cope = pe.ContextualBias(embeddings, pe.cope_bias)
+    return pe.dot_product_attention(q, k, v, contextual_bias=cope, **kwargs)
+
+
+@pytest.mark.parametrize("tables", [1, 4], ids=["shared", "per-head"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+def test_cope_matches_the_float64_formula_with_gradients(packed, tables):
+    arrays = _cope_case(tables=tables)
+    segment_ids = COPE_SEGMENTS if packed else None
+    allowed = causal_allowed(9, segment_ids)
+
+    def loss(*arrays):
+        out = _cope_attention(*arrays, causal=True, segment_ids=segment_ids, implementation="xla")
+        return (out * _cotangent(out.shape)).sum(), out
+
+    grads, out = jax.jit(jax.grad(jax.jit(loss), argnums=(0, 1, 2, 3), has_aux=True))(*arrays)
+    want = cope_attention_reference(*arrays, allowed)
+    assert _relative_error(out, want) < 2e-6
+    # Gradients of q, k (through the content logits and the gates), v and the table,
+    # against central differences of the float64 loss along a random direction.
+    cotangent = np.asarray(_cotangent(out.shape), np.float64)
+    references = [np.asarray(a, np.float64) for a in arrays]
+    rng = np.random.default_rng(74)
+    for index, grad in enumerate(grads):
+        direction = rng.normal(size=references[index].shape)
+
+        def reference_loss(step, index=index, direction=direction):
+            shifted = list(references)
+            shifted[index] = references[index] + step * direction
+            return float((cope_attention_reference(*shifted, allowed) * cotangent).sum())
+
+        want_slope = (reference_loss(1e-6) - reference_loss(-1e-6)) / 2e-6
+        got_slope = float(np.sum(np.asarray(grad, np.float64) * direction))
+        assert abs(got_slope - want_slope) < 2e-4 * max(1.0, abs(want_slope)), index
+        assert abs(want_slope) > 1e-2, index  # the argument really moves the loss
+
+
+def test_cope_positions_count_the_gates_between_key_and_query():
+    # Gates saturated at 0 or 1: key j sits at the number of open gates among j..i.
+    opened = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1], bool)
+    gate_logits = np.where(opened, 40.0, -40.0)[None, None, None, :].repeat(9, axis=2)
+    allowed = causal_allowed(9)
+    positions = pe.cope_positions(jnp.asarray(gate_logits), allowed, num_positions=100)
+    counts = np.zeros((9, 9))
+    for i in range(9):
+        for j in range(i + 1):
+            counts[i, j] = opened[j : i + 1].sum()
+    np.testing.assert_allclose(np.where(allowed[0, 0], positions[0, 0], 0), counts, atol=1e-6)
+    # Every gate open: the position is the relative position i - j + 1; clipped at npos - 1.
+    ones = pe.cope_positions(jnp.full((1, 1, 9, 9), 40.0), allowed, num_positions=4)
+    relative = np.arange(9)[:, None] - np.arange(9)[None, :] + 1
+    np.testing.assert_allclose(ones[0, 0][allowed[0, 0]], np.minimum(relative, 3)[allowed[0, 0]])
+    logits = _normal(75, (2, 3, 9, 9))
+    np.testing.assert_allclose(
+        pe.cope_positions(logits, allowed, num_positions=6),
+        cope_positions_reference(logits, allowed, 6),
+        atol=2e-6,
+    )
+
+
+def test_cope_interpolates_the_query_embedding_products_linearly():
+    q = _normal(76, (1, 1, 2, 8))
+    embeddings = _normal(77, (2, 4, 8))
+    products = np.einsum("hd,hnd->hn", np.asarray(q[0, 0], np.float64), embeddings)
+    positions = jnp.asarray([0.0, 1.0, 1.25, 2.5, 3.0])[None, None, None, :]
+    got = pe.cope_position_logits(q, positions, embeddings)[0, :, 0]
+    want = np.stack(
+        [products[:, 0], products[:, 1], 0.75 * products[:, 1] + 0.25 * products[:, 2],
+         0.5 * products[:, 2] + 0.5 * products[:, 3], products[:, 3]], axis=-1
+    )  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cope_fully_masked_rows_and_bfloat16_stay_finite():
+    q, k, v, embeddings = _cope_case()
+    mask = jnp.ones((2, 1, 9, 9), bool).at[:, :, 3].set(False)  # query 3 sees nothing
+
+    def loss(q, k, v, embeddings):
+        out = _cope_attention(q, k, v, embeddings, mask=mask, causal=True)
+        return (out.astype(jnp.float32) ** 2).sum(), out
+
+    grads, out = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, embeddings)
+    assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(grads[0][:, 3]) == 0)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    got = _cope_attention(*half, embeddings, mask=mask, causal=True)
+    assert got.dtype == jnp.bfloat16 and np.isfinite(np.asarray(got, np.float32)).all()
+    want = np.asarray(out, np.float32)
+    assert np.abs(np.asarray(got, np.float32) - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_cope_runs_on_the_xla_path_only_and_says_why():
+    q, k, v, embeddings = _cope_case()
+    with pytest.raises(ValueError, match=r"xla path only.*implementation='blockwise'"):
+        _cope_attention(q, k, v, embeddings, causal=True, implementation="blockwise")
+    with pytest.raises(TypeError, match="contextual_bias must be a ContextualBias"):
+        pe.dot_product_attention(q, k, v, contextual_bias=embeddings)
+    # "auto" means xla whatever the length (here past the blockwise threshold).
+    long = _normal(78, (1, 260, 1, 4))
+    table = _normal(79, (1, 3, 4))
+    out = _cope_attention(long, long, long, table, causal=True, implementation="auto")
+    want = _cope_attention(long, long, long, table, causal=True, implementation="xla")
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="at most one part may contribute a contextual bias"):
+        pe.combine([pe.PositionalTerms(contextual_bias=pe.ContextualBias(table, pe.cope_bias))] * 2)
+    config = pe.TransformerConfig(encoding="cope", d_model=16, num_heads=2, attention="blockwise")
+    with pytest.raises(ValueError, match="xla path only"):
+        pe.Transformer(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_cope_module_materializes_the_reference_term_and_is_registered():
+    q, k, _, embeddings = _cope_case(tables=4)
+    module = content.ContextualPositionEmbedding(4, 8, 5, shared_across_heads=False)
+    params = module.init(jax.random.key(0), q, k)["params"]
+    assert params["embeddings"].shape == (4, 5, 8) and not np.any(params["embeddings"])
+    got = module.apply({"params": {"embeddings": embeddings}}, q, k)
+    want = cope_bias_reference(q, k, embeddings, causal_allowed(9))
+    assert (
+        _relative_error(np.where(causal_allowed(9), got, 0), np.where(causal_allowed(9), want, 0))
+        < 2e-6
+    )
+    encoding = pe.get_encoding("cope")
+    assert encoding.contributes == ("contextual_bias",)
+    spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=32)
+    ((_, role, built),) = pe.registry.attention_modules("cope", spec)
+    assert role == "contextual_bias" and built.num_positions == 33 and built.shared_across_heads

@@ -89,6 +89,7 @@ INPUTS = {
     ),
     # Per-token features of the key tokens, d_model (16) wide as in the model.
     "token_bias": lambda: (_normal(3, (B, 7, 16)),),
+    "contextual_bias": lambda: (_normal(1, (B, 5, H, D)), _normal(2, (B, 5, H, D))),
 }
 
 
@@ -119,6 +120,11 @@ def _method_outputs(module, role):
         if terms.value_fn is None:
             return (logits,)
         return logits, terms.value_fn(jax.nn.softmax(logits), q_positions, k_positions)
+    if role == "contextual_bias":
+        q, k = INPUTS[role]()
+        terms = module.contextual_bias()
+        content_logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        return (terms.fn(q, content_logits, None, terms.params),)
     return ()
 
 
@@ -211,6 +217,7 @@ PUBLIC = [
     "XPosEmbedding",
     "SelfExtendRotaryEmbedding",
     "ForgettingGate",
+    "ContextualPositionEmbedding",
 ]
 
 

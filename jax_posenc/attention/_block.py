@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_posenc._protocols import BiasFn, PairSelectFn, RelativeTerms, TokenBiasFn
+from jax_posenc._protocols import (
+    BiasFn,
+    ContextualBias,
+    PairSelectFn,
+    RelativeTerms,
+    TokenBiasFn,
+)
 
 _F32 = jnp.float32
 
@@ -38,6 +44,7 @@ class Terms(NamedTuple):
     relative_terms: RelativeTerms | None
     token_bias_fn: TokenBiasFn | None = None
     alternate_select: PairSelectFn | None = None
+    contextual_bias: ContextualBias | None = None  # the xla path only: reads whole rows
 
 
 class PerToken(NamedTuple):
@@ -105,12 +112,29 @@ def _content_logits(q: jax.Array, k: jax.Array, terms: Terms) -> jax.Array:
     return logits.reshape(batch, heads, q_len, k.shape[2]) * terms.scale
 
 
+def _allowed(block: Block, terms: Terms) -> jax.Array | None:
+    """Where attention is allowed, bool broadcastable to `[B, H, bq, bk]` (None: everywhere)."""
+    allowed = None
+    conditions = [block.mask]
+    if block.k_valid is not None:
+        conditions.append(block.k_valid[None, None, None, :])
+    if terms.causal:
+        conditions.append(block.q_pos[:, None, :, None] >= block.k_pos[:, None, None, :])
+    if block.q_seg is not None:
+        conditions.append(block.q_seg[:, None, :, None] == block.k_seg[:, None, None, :])
+    for condition in conditions:
+        if condition is not None:
+            allowed = condition if allowed is None else allowed & condition
+    return allowed
+
+
 def _block_logits(block: Block, terms: Terms) -> tuple[jax.Array, jax.Array | None]:
     """Float32 logits `[B, H, bq, bk]` and where attention is allowed (None: everywhere)."""
     q, k = block.q, block.k
     batch, heads, q_len, _ = q.shape
     shape = (batch, heads, q_len, k.shape[2])
     relative = terms.relative_terms or RelativeTerms()
+    allowed = _allowed(block, terms)
     logits = _content_logits(q, k, terms)
     if terms.alternate_select is not None:
         # Two content logits per block, one chosen per pair (SelfExtend's merge).
@@ -118,6 +142,14 @@ def _block_logits(block: Block, terms: Terms) -> tuple[jax.Array, jax.Array | No
         check_broadcastable("alternate.select", select, shape)
         alternate = _content_logits(block.q_extra.alternate, block.k_extra.alternate, terms)
         logits = jnp.where(select, alternate, logits)
+    if terms.contextual_bias is not None:
+        # The block holds every key of its rows (xla path): CoPE's gates read the content
+        # logits of all of them.
+        contextual = terms.contextual_bias
+        scaled_q = heads_first(q * jnp.asarray(terms.scale, q.dtype))
+        bias = contextual.fn(scaled_q, logits, allowed, contextual.params)
+        check_broadcastable("contextual_bias.fn", bias, shape)
+        logits = logits + bias.astype(_F32)
     if terms.bias_fn is not None:
         bias = terms.bias_fn(block.q_pos, block.k_pos)
         check_broadcastable("bias_fn", bias, shape)
@@ -132,18 +164,6 @@ def _block_logits(block: Block, terms: Terms) -> tuple[jax.Array, jax.Array | No
         )
         check_broadcastable("relative_terms.query_bias_fn", bias, shape)
         logits = logits + bias.astype(_F32)
-
-    allowed = None
-    conditions = [block.mask]
-    if block.k_valid is not None:
-        conditions.append(block.k_valid[None, None, None, :])
-    if terms.causal:
-        conditions.append(block.q_pos[:, None, :, None] >= block.k_pos[:, None, None, :])
-    if block.q_seg is not None:
-        conditions.append(block.q_seg[:, None, :, None] == block.k_seg[:, None, None, :])
-    for condition in conditions:
-        if condition is not None:
-            allowed = condition if allowed is None else allowed & condition
     return logits, allowed
 
 

@@ -18,8 +18,9 @@ Logits are `scale * (q + u) . k + bias_fn(q_pos, k_pos) + query_bias_fn(scale * 
 + token_bias.fn(query_values, key_values)` (u: the optional content bias of
 `RelativeTerms`; the token bias reads per-token values, sliced per block like q and k,
 and returns their gradients like those of q and k; an `AlternateLogits` replaces the
-content logit by `scale * (q2 + u) . k2` on the pairs it selects); the softmax runs in
-float32 and the
+content logit by `scale * (q2 + u) . k2` on the pairs it selects; a `ContextualBias`
+(CoPE) reads whole rows of content logits, so it is evaluated on the xla path only);
+the softmax runs in float32 and the
 output keeps the query's dtype. A query that may attend to nothing (fully masked row)
 returns zeros, with zero gradients, in both implementations.
 """
@@ -33,7 +34,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_posenc import _checks
-from jax_posenc._protocols import AlternateLogits, BiasFn, RelativeTerms, TokenBias
+from jax_posenc._protocols import (
+    AlternateLogits,
+    BiasFn,
+    ContextualBias,
+    RelativeTerms,
+    TokenBias,
+)
 from jax_posenc.attention._block import (
     Block,
     PerToken,
@@ -148,6 +155,25 @@ def check_alternate(alternate, q: jax.Array, k: jax.Array) -> None:
                 f"alternate.{name} must have the shape of {name} {list(like.shape)}, "
                 f"got {list(jnp.shape(value))}"
             )
+
+
+def check_contextual_bias(contextual_bias, implementation: str) -> str:
+    """The implementation for a `ContextualBias`: "xla" ("auto" picks it at any length);
+    raises for a blockwise one or an argument that is not a `ContextualBias`."""
+    if not isinstance(contextual_bias, ContextualBias):
+        raise TypeError(f"contextual_bias must be a ContextualBias, got {contextual_bias!r}")
+    if not callable(contextual_bias.fn):
+        raise TypeError(f"contextual_bias.fn must be callable, got {contextual_bias.fn!r}")
+    _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if implementation not in ("auto", "xla"):
+        raise ValueError(
+            f"a contextual_bias (CoPE) runs on the xla path only, got "
+            f"implementation={implementation!r}: its positions are sums of gates over every "
+            "key from the key to the query, so a key block would need the gates of all "
+            "later key blocks (a reverse carry, and a second pass for the gradient); use "
+            "implementation='xla' or 'auto' (memory O(Lq * Lk))"
+        )
+    return "xla"
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -267,6 +293,7 @@ def dot_product_attention(
     relative_terms: RelativeTerms | None = None,
     token_bias: TokenBias | None = None,
     alternate: AlternateLogits | None = None,
+    contextual_bias: ContextualBias | None = None,
     q_positions: jax.Array | None = None,
     k_positions: jax.Array | None = None,
     mask: jax.Array | None = None,
@@ -285,7 +312,9 @@ def dot_product_attention(
     attention) and u is `relative_terms.content_bias` (zero when None); with
     `alternate`, the pairs `alternate.select(q_pos, k_pos)` picks use
     `scale * (alternate.q[b, i, h] + u[h]) . alternate.k[b, j, h // G]` as their first
-    term instead (SelfExtend: RoPE at grouped positions for distant keys). Positions where
+    term instead (SelfExtend: RoPE at grouped positions for distant keys). With
+    `contextual_bias`, `contextual_bias.fn(scale * q, content_logits, allowed, params)` is
+    added too (CoPE), computed from the whole rows of content logits. Positions where
     attention is not allowed are dropped from the softmax, and
     `out[b, i, h] = sum_j softmax_j(logits) v[b, j, h // G] + value_fn(softmax, ...)`.
     A query with no allowed key gets a zero output (and zero gradients), never NaN.
@@ -331,6 +360,11 @@ def dot_product_attention(
         `[B, Lk, Hkv, D]` positioned differently, and `select(q_pos, k_pos) -> bool
         [B or 1, 1, bq, bk]`; each block computes both content logits and keeps one per
         pair. Blockwise slices both pairs per block and returns all four gradients.
+      contextual_bias: a `jax_posenc.ContextualBias` (CoPE, `jax_posenc.cope_bias`): a
+        term of whole rows of content logits and of the mask. xla only: "auto" then
+        means "xla" at every length, and "blockwise" raises a ValueError, since a
+        contextual position sums gates over all keys from the key up to the query
+        (memory `O(Lq * Lk)`).
       q_positions: integer `[Lq]` or `[B, Lq]`.
       k_positions: integer `[Lk]` or `[B, Lk]`.
       mask: boolean, broadcastable to `[B, H, Lq, Lk]`; True where attention is allowed.
@@ -364,6 +398,8 @@ def dot_product_attention(
       ((1, 256, 4, 32), True)
     """
     check_attention_inputs(q, k, v)
+    if contextual_bias is not None:
+        implementation = check_contextual_bias(contextual_bias, implementation)
     implementation = resolve_implementation(implementation, q.shape[1], k.shape[1])
     blocks = block_sizes(block_size) or default_block_size(q.shape[1], k.shape[1], q.shape[3])
     if not isinstance(causal, bool):
@@ -412,6 +448,7 @@ def dot_product_attention(
         relative_terms,
         None if token_bias is None else token_bias.fn,
         None if alternate is None else alternate.select,
+        contextual_bias,
     )
     q, k, v = (heads_first(x) for x in (q, k, v))
     if implementation == "xla":
