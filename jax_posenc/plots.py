@@ -77,8 +77,9 @@ _FONT = 10
 
 
 def family(encoding: str) -> str:
-    """The family of an encoding, from what its registry entry contributes."""
-    parts = registry.resolve(encoding)
+    """The family of an encoding, from what its registry entry contributes; a study's
+    evaluation-only row ("rope → linear PI (eval only)") has its trained encoding's."""
+    parts = registry.resolve(encoding.split(" ")[0])
     if len(parts) > 1:
         return "combined"
     roles = parts[0].contributes

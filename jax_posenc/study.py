@@ -19,6 +19,35 @@ Two tasks, each training a small decoder-only `Transformer` per encoding and see
   anywhere) and by distance at the longest length. Perplexity cannot tell a model that
   uses far context from one that ignores it; this can.
 
+Evaluation-only variants (`extend`, on by default): every trained model whose encoding
+has a `rope` part is also scored, with the same parameters and no further training, as
+
+* `<encoding> → selfextend (eval only)`: SelfExtend (Jin et al., 2024): keys within a
+  neighbour window `w = train_len // 2` of the query keep their exact positions,
+  farther ones are seen at grouped positions (`pos // G`, see
+  `jax_posenc.SelfExtendRotaryEmbedding`), with the smallest group `G` per evaluation
+  length `n` for which every grouped distance stays inside the trained range:
+  `(n - 1) // G + w - w // G <= train_len - 1` (this implies the paper's condition
+  `w + (n - w) / G <= train_len`; `G = 1`, plain RoPE, up to `train_len`). With
+  `train_len = 64`: `w = 32` and `G = 4, 8, 16` at 128, 256, 512 tokens.
+* `<encoding> → linear PI (eval only)`: position interpolation (Chen et al., 2023):
+  positions scaled by `train_len / n` at each evaluation length `n > train_len`
+  (`jax_posenc.LinearScaling(n / train_len)`), so they span the trained range.
+
+Both are rows of the tables, `results.json` and the figure, with the seed spread of the
+trained models. The `selfextend` encoding itself is not in the default list: trained
+with a window wider than every length it is RoPE (it stays available by name).
+
+Randomized positions (`randomized_positions=MAX`, `--randomized-positions MAX`, Ruoss et
+al., 2023): every model trains on sequences whose positions are sorted random subsets
+of `[0, MAX)` (`jax_posenc.train.training_positions`); `MAX` must cover the longest
+evaluation length. Evaluation follows the paper and its reference code, which draw the
+test positions the same way (a sorted random `n`-subset of `[0, MAX)` per window, drawn
+from the seed, so the numbers are reproducible; at `n = MAX` these are 0..MAX-1): that
+is the encoding's row. The row `<encoding> (eval at 0..n-1)` scores the same model at
+the consecutive positions 0..n-1. Only for position-based encodings and the language
+model task; the evaluation-only extensions are off with it.
+
 `seeds` models are trained per encoding (seeds `seed`, `seed + 1`, ...: initialization
 and data order); tables give the mean and the spread over seeds. Every model is
 configured with `max_positions = max(eval_lens)`, so a learned table has rows for every
@@ -41,6 +70,11 @@ References:
     sliding-window evaluation).
   Kazemnejad et al., 2023, The Impact of Positional Encoding on Length Generalization
     in Transformers (NoPE).
+  Jin et al., 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning.
+  Chen et al., 2023, Extending Context Window of Large Language Models via Positional
+    Interpolation.
+  Ruoss et al., 2023, Randomized Positional Encodings Boost Length Generalization of
+    Transformers.
   Arora et al., 2023, Zoology: Measuring and Improving Recall in Efficient Language
     Models (associative recall).
 """
@@ -72,15 +106,26 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 import jax_posenc
-from jax_posenc import _checks, _files, data, plots, registry, train
+from jax_posenc import _checks, _files, content, data, plots, registry, train
 from jax_posenc.model import (
     ATTENTION_IMPLEMENTATIONS,
     COMPUTE_DTYPES,
     Transformer,
     TransformerConfig,
 )
+from jax_posenc.rope_scaling import LinearScaling
 
 DEFAULT_EVAL_TOKENS = 8192
+# Registered encodings the default list leaves out: trained by the study, SelfExtend's
+# window covers every length and it is RoPE; it is evaluated as RoPE's `extend` variant.
+NOT_IN_DEFAULT = ("selfextend",)
+# Evaluation-only variants of a trained model with a `rope` part (see the docstring).
+EXTENSIONS = ("selfextend", "linear")
+EXTENSION_ROWS = {
+    "selfextend": "{} → selfextend (eval only)",
+    "linear": "{} → linear PI (eval only)",
+    "consecutive": "{} (eval at 0..n-1)",
+}
 TASKS = ("lm", "recall")
 MODES = ("nonoverlapping", "sliding")
 MODE_TITLES = {"nonoverlapping": "non-overlapping windows", "sliding": "sliding windows"}
@@ -139,6 +184,12 @@ class StudyConfig:
       recall_probes: recall questions per sequence.
       recall_distractors: keys of the filler pairs in a recall sequence.
       recall_eval_sequences: recall sequences per evaluated length and distance.
+      extend: evaluation-only variants of every trained model with a `rope` part:
+        a tuple of "selfextend" and "linear", or "auto" (both, none with
+        `randomized_positions`) or "none".
+      randomized_positions: 0, or MAX: train on sorted random positions from
+        `[0, MAX)` and evaluate as Ruoss et al. (2023) do (see the module docstring);
+        at least the longest evaluation length.
     """
 
     encodings: tuple[str, ...] = ()
@@ -164,6 +215,8 @@ class StudyConfig:
     recall_probes: int = 8
     recall_distractors: int = 8
     recall_eval_sequences: int = 32
+    extend: tuple[str, ...] | str = "auto"
+    randomized_positions: int = 0
 
     def __post_init__(self):
         _checks.check_choice("task", self.task, TASKS)
@@ -178,7 +231,7 @@ class StudyConfig:
         _checks.check_positive_float("learning_rate", self.learning_rate)
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        encodings = tuple(self.encodings) or registry.available_encodings()
+        encodings = tuple(self.encodings) or default_encodings()
         for name in encodings:
             registry.resolve(name)
         if len(set(encodings)) != len(encodings):
@@ -208,12 +261,108 @@ class StudyConfig:
             step = math.lcm(*self.eval_lens, self.eval_stride)
             object.__setattr__(self, "eval_tokens", step * max(1, -(-DEFAULT_EVAL_TOKENS // step)))
         object.__setattr__(self, "corpus", tuple(str(path) for path in self.corpus))
+        self._check_positions_options(encodings)
         if self.task == "recall":
             for length in (train_len, *self.eval_lens):
                 self.recall_batch(batch_size=1, seq_len=length, step=0, seed=0)
         self.train_config(self.seed)
         for encoding in encodings:
             self.model_config(encoding)
+
+    def _check_positions_options(self, encodings: tuple[str, ...]) -> None:
+        """Validates and resolves `extend` and `randomized_positions`."""
+        randomized = _checks.check_min_int("randomized_positions", self.randomized_positions, 0)
+        extend = self.extend
+        if isinstance(extend, str):
+            if extend not in ("auto", "none"):
+                extend = tuple(item.strip() for item in extend.split(",") if item.strip())
+            elif extend == "auto":
+                extend = () if randomized else EXTENSIONS
+            else:
+                extend = ()
+        extend = tuple(extend)
+        unknown = [name for name in extend if name not in EXTENSIONS]
+        if unknown or len(set(extend)) != len(extend):
+            raise ValueError(
+                f"extend must list each of {list(EXTENSIONS)} at most once (or be 'auto' or "
+                f"'none'), got {self.extend!r}"
+            )
+        object.__setattr__(self, "extend", tuple(name for name in EXTENSIONS if name in extend))
+        if not randomized:
+            return
+        longest = max(self.train_len, *self.eval_lens)
+        if randomized < longest:
+            raise ValueError(
+                f"randomized_positions={randomized} must be at least the longest training or "
+                f"evaluation length {longest}: positions are drawn from [0, "
+                "randomized_positions) at every length"
+            )
+        if self.task != "lm":
+            raise ValueError(
+                f"randomized_positions={randomized} is supported for task='lm' only, got "
+                f"task={self.task!r}"
+            )
+        if self.extend:
+            raise ValueError(
+                f"extend={self.extend!r} evaluates models trained at consecutive positions; "
+                f"with randomized_positions={randomized} use extend='none' (or 'auto')"
+            )
+        fixed = [name for name in encodings if not train.takes_positions(name)]
+        if fixed:
+            raise ValueError(
+                f"randomized_positions={randomized} needs position-based encodings, but "
+                f"{fixed} read no positions; leave them out or use randomized_positions=0"
+            )
+
+    def variants(self, encoding: str) -> tuple[str, ...]:
+        """The evaluation-only variants scored for a model of `encoding`."""
+        if self.randomized_positions:
+            return ("consecutive",) if self.task == "lm" else ()
+        if self.task != "lm" or "rope" not in _part_names(encoding):
+            return ()
+        return self.extend
+
+    def selfextend_settings(self, length: int) -> dict[str, int]:
+        """SelfExtend's `window` and `group_size` at evaluation length `length`: the
+        window is half the training length and the group the smallest for which every
+        grouped distance stays below the training length (see the module docstring)."""
+        train_len = self.train_len
+        window = max(1, train_len // 2)
+        for group in range(1, max(length, 1) + 1):
+            farthest = (length - 1) // group + window - window // group
+            if farthest <= train_len - 1 and window + (length - window) / group <= train_len:
+                return {"window": window, "group_size": group}
+        raise ValueError(
+            f"no SelfExtend group size keeps length {length} within train_len={train_len} "
+            f"with window {window}"
+        )
+
+    def variant_model(self, encoding: str, variant: str, length: int) -> Transformer:
+        """The model that scores `variant` of a trained `encoding` at `length` tokens; it
+        takes the trained parameters unchanged (RoPE and SelfExtend have none)."""
+        base = self.model_config(encoding)
+        if variant == "selfextend":
+            parts = ["selfextend" if p == "rope" else p for p in _part_names(encoding)]
+            options = {"selfextend": self.selfextend_settings(length)}
+            base = dataclasses.replace(base, encoding="+".join(parts), encoding_options=options)
+        elif variant == "linear" and length > self.train_len:
+            scaling = LinearScaling(length / self.train_len)
+            base = dataclasses.replace(base, encoding_options={"rope": {"scaling": scaling}})
+        elif variant not in (*EXTENSIONS, "consecutive"):
+            raise ValueError(f"unknown evaluation variant {variant!r}")
+        return Transformer(base)
+
+    def variant_settings(self, variant: str) -> dict[str, Any]:
+        """What `variant` sets at each evaluation length (recorded in the results)."""
+        settings: dict[str, Any] = {}
+        for length in self.eval_lens:
+            if variant == "selfextend":
+                settings[str(length)] = self.selfextend_settings(length)
+            elif variant == "linear":
+                settings[str(length)] = {"factor": max(1.0, length / self.train_len)}
+            else:
+                settings[str(length)] = {"positions": f"0..{length - 1}"}
+        return settings
 
     @property
     def seed_values(self) -> tuple[int, ...]:
@@ -226,7 +375,7 @@ class StudyConfig:
             d_model=self.d_model,
             num_layers=self.layers,
             num_heads=self.heads,
-            max_positions=max(self.train_len, *self.eval_lens),
+            max_positions=max(self.train_len, *self.eval_lens, self.randomized_positions),
             attention=self.attention,
             dtype=self.dtype,
         )
@@ -240,6 +389,7 @@ class StudyConfig:
             seed=seed,
             checkpoint_every=max(1, self.steps // 4),
             log_every=max(1, min(10, self.steps // 10)),
+            randomized_positions=self.randomized_positions,
         )
 
     def recall_batch(self, **kwargs) -> data.RecallBatch:
@@ -258,6 +408,16 @@ class StudyConfig:
     def record(self) -> dict[str, Any]:
         """The settings as JSON values."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def default_encodings() -> tuple[str, ...]:
+    """The encodings a study trains when none are named: every registered one except
+    `NOT_IN_DEFAULT`."""
+    return tuple(n for n in registry.available_encodings() if n not in NOT_IN_DEFAULT)
+
+
+def _part_names(encoding: str) -> list[str]:
+    return [part.name for part in registry.resolve(encoding)]
 
 
 # ------------------------------------------------------------------ provenance
@@ -355,7 +515,8 @@ def _check_study_dir(out_dir: Path, config: StudyConfig, *, resume: bool, overwr
         )
     saved, current = _files.read_json(out_dir / "config.json"), config.record()
     free = ("encodings", "seeds")
-    changed = [k for k in current if k not in free and saved.get(k) != current[k]]
+    # A key the saved config lacks is a setting added since (its default then held).
+    changed = [k for k in current if k not in free and k in saved and saved[k] != current[k]]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ValueError(
@@ -369,11 +530,16 @@ def _check_models(config: StudyConfig) -> None:
     so an encoding that cannot be built with these sizes fails before anything is written."""
     tokens = jax.ShapeDtypeStruct((1, config.train_len), jnp.int32)
     for encoding in config.encodings:
-        model = Transformer(config.model_config(encoding))
-        try:
-            jax.eval_shape(model.init, jax.random.key(0), tokens)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"encoding {encoding!r} with these settings: {error}") from error
+        models = [Transformer(config.model_config(encoding))]
+        models += [
+            config.variant_model(encoding, variant, max(config.eval_lens))
+            for variant in config.variants(encoding)
+        ]
+        for model in models:
+            try:
+                jax.eval_shape(model.init, jax.random.key(0), tokens)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"encoding {encoding!r} with these settings: {error}") from error
 
 
 def _prepare_study_dir(out_dir: Path, config: StudyConfig, *, overwrite: bool) -> None:
@@ -409,9 +575,9 @@ class _Progress:
     through `tqdm.write`); otherwise (a log file) a plain line every `every` seconds.
     """
 
-    def __init__(self, config: StudyConfig, pending: int, *, enabled: bool, log, every=30.0):
-        self.per_run = config.steps + sum(units for _, units in _eval_jobs(config))
-        self.total = pending * self.per_run
+    def __init__(self, config: StudyConfig, pending: list[str], *, enabled: bool, log, every=30.0):
+        self.config = config
+        self.total = sum(self.per_run(encoding) for encoding in pending)
         self.done = 0.0
         self.start = self.last_line = time.perf_counter()
         self.enabled, self.every, self.description = enabled, every, ""
@@ -424,6 +590,11 @@ class _Progress:
             bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
         )
         self._log = log
+
+    def per_run(self, encoding: str) -> float:
+        """Work of one model of `encoding`: training, evaluation and its variants."""
+        evaluation = sum(units for _, units in _eval_jobs(self.config))
+        return self.config.steps + evaluation * (1 + len(self.config.variants(encoding)))
 
     def advance(self, units: float) -> None:
         before = round(self.done)
@@ -521,49 +692,104 @@ def run_lm(
         callback=_train_callback(progress, label, config.steps),
     )
     train_seconds = time.perf_counter() - start
-    mesh = train.data_mesh()
-    context = max(config.eval_lens)  # skipped bytes: the first sliding window's context
-    losses: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    for (mode, length), units in _eval_jobs(config):
-        progress.describe(f"{label}: evaluating {MODE_TITLES[mode]} of {length}")
-        if mode == "nonoverlapping":
-            windows = data.eval_windows(
-                corpus.heldout, seq_len=length, num_tokens=config.eval_tokens, start=context
-            )
-            weights = None
-        else:
-            windows, weights = data.sliding_windows(
-                corpus.heldout,
-                seq_len=length,
-                stride=config.eval_stride,
-                num_tokens=config.eval_tokens,
-                start=context,
-            )
-        advanced = [0.0]
+    params = result.state.params
 
-        def callback(done: int, total: int, units=units, advanced=advanced) -> None:
-            progress.advance(units * done / total - advanced[0])
-            advanced[0] = units * done / total
+    def evaluate_all(variant: str | None) -> dict[str, dict[str, float]]:
+        losses: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
+        what = "" if variant is None else f" ({EXTENSION_ROWS[variant].format('').strip()})"
+        for (mode, length), units in _eval_jobs(config):
+            progress.describe(f"{label}: evaluating {MODE_TITLES[mode]} of {length}{what}")
+            if variant is None:
+                eval_model = model
+            else:
+                eval_model = config.variant_model(encoding, variant, length)
+            losses[mode][str(length)] = _evaluate_lm(
+                eval_model, params, config, corpus, mode, length, seed, units, progress,
+                randomized=bool(config.randomized_positions) and variant is None,
+            )  # fmt: skip
+        return losses
 
-        losses[mode][str(length)] = train.evaluate(
-            model,
-            result.state.params,
-            windows,
-            batch_size=max(1, 8192 // length),
-            mesh=mesh,
-            token_weights=weights,
-            callback=callback,
-        )
-    return {
+    losses = evaluate_all(None)
+    variants = {}
+    for variant in config.variants(encoding):
+        by_mode = evaluate_all(variant)
+        variants[variant] = {"loss": by_mode, "ppl": _perplexities(by_mode)}
+    run = {
         "encoding": encoding,
         "seed": seed,
         "loss": losses,
-        "ppl": {m: {n: math.exp(v) for n, v in by_len.items()} for m, by_len in losses.items()},
+        "ppl": _perplexities(losses),
         "final_train_loss": result.history[-1]["loss"] if result.history else None,
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start - train_seconds,
-        "num_params": sum(int(np.size(x)) for x in jax.tree.leaves(result.state.params)),
+        "num_params": sum(int(np.size(x)) for x in jax.tree.leaves(params)),
     }
+    if variants:
+        run["variants"] = variants
+    return run
+
+
+def _perplexities(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    return {m: {n: math.exp(v) for n, v in by_len.items()} for m, by_len in losses.items()}
+
+
+def eval_positions(config: StudyConfig, mode: str, length: int, count: int, seed: int):
+    """The randomized evaluation positions of `count` windows of `length` tokens,
+    int32 `[count, length]`: sorted random `length`-subsets of
+    `[0, randomized_positions)` as in training (Ruoss et al., 2023), a pure function of
+    the seed, the mode and the length."""
+    key = jax.random.fold_in(jax.random.key(seed), MODES.index(mode))
+    key = jax.random.fold_in(key, length)
+    return np.asarray(content.randomized_positions(key, count, length, config.randomized_positions))
+
+
+def _evaluate_lm(
+    model: Transformer,
+    params,
+    config: StudyConfig,
+    corpus: data.Corpus,
+    mode: str,
+    length: int,
+    seed: int,
+    units: float,
+    progress: _Progress,
+    *,
+    randomized: bool,
+) -> float:
+    """Mean loss of `model` on the held-out text in `mode` at `length` tokens."""
+    context = max(config.eval_lens)  # skipped bytes: the first sliding window's context
+    if mode == "nonoverlapping":
+        windows = data.eval_windows(
+            corpus.heldout, seq_len=length, num_tokens=config.eval_tokens, start=context
+        )
+        weights = None
+    else:
+        windows, weights = data.sliding_windows(
+            corpus.heldout,
+            seq_len=length,
+            stride=config.eval_stride,
+            num_tokens=config.eval_tokens,
+            start=context,
+        )
+    positions = None
+    if randomized:
+        positions = eval_positions(config, mode, length, len(windows), seed)
+    advanced = [0.0]
+
+    def callback(done: int, total: int) -> None:
+        progress.advance(units * done / total - advanced[0])
+        advanced[0] = units * done / total
+
+    return train.evaluate(
+        model,
+        params,
+        windows,
+        batch_size=max(1, 8192 // length),
+        mesh=train.data_mesh(),
+        token_weights=weights,
+        positions=positions,
+        callback=callback,
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -720,6 +946,24 @@ def summarize_encoding(runs: list[dict[str, Any]], config: Mapping[str, Any]) ->
     return entry
 
 
+def summarize_variant(
+    runs: list[dict[str, Any]], variant: str, config: StudyConfig
+) -> dict[str, Any]:
+    """The row of an evaluation-only variant: `summarize_encoding` over the variant's
+    numbers of each trained run, with `trained`, `variant` and its per-length `settings`."""
+    rows = []
+    for run in runs:
+        if "error" in run or variant not in run.get("variants", {}):
+            rows.append({"seed": run["seed"], "error": run.get("error", "not evaluated")})
+        else:
+            rows.append({"seed": run["seed"], **run["variants"][variant]})
+    entry = summarize_encoding(rows, config.record())
+    entry.update(
+        trained=runs[0]["encoding"], variant=variant, settings=config.variant_settings(variant)
+    )
+    return entry
+
+
 def _headline(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, bool]]:
     """`(title, metric, group, key, higher_is_better)` of the numbers the summary ranks."""
     config = results["config"]
@@ -828,6 +1072,34 @@ def _length_label(prefix: str, length: int, train_len: int) -> str:
     return f"{prefix}@{length}"
 
 
+def variant_notes(results: Mapping[str, Any]) -> list[str]:
+    """One line per evaluation-only row: what it is and its settings per length."""
+    lines = []
+    config = results["config"]
+    for name, entry in results["encodings"].items():
+        variant, settings = entry.get("variant"), entry.get("settings", {})
+        if variant == "selfextend":
+            groups = ", ".join(f"{values['group_size']} at {n}" for n, values in settings.items())
+            window = next(iter(settings.values()))["window"] if settings else "?"
+            lines.append(
+                f"{name}: the trained {entry['trained']} parameters with SelfExtend (Jin et "
+                f"al., 2024), neighbour window {window}, group size {groups}"
+            )
+        elif variant == "linear":
+            factors = ", ".join(f"{values['factor']:g} at {n}" for n, values in settings.items())
+            lines.append(
+                f"{name}: the trained {entry['trained']} parameters with positions divided by "
+                f"the factor (Chen et al., 2023) {factors}"
+            )
+        elif variant == "consecutive":
+            lines.append(
+                f"{name}: the model trained on randomized positions from [0, "
+                f"{config['randomized_positions']}) scored at positions 0..n-1; its own row "
+                "draws the evaluation positions like training (Ruoss et al., 2023)"
+            )
+    return lines
+
+
 def format_tables(results: Mapping[str, Any], *, markdown: bool = False) -> str:
     """The study's tables (mean ± sample std over seeds), titled, with the summary.
 
@@ -884,6 +1156,9 @@ def format_tables(results: Mapping[str, Any], *, markdown: bool = False) -> str:
         (f"### {title}\n\n{table}" if markdown else f"{title}\n{table}")
         for title, table in sections
     )
+    notes = variant_notes(results)
+    if notes:
+        text += "\n\n" + "\n".join(("- " if markdown else "") + line for line in notes)
     summary = summary_lines(results)
     if summary:
         text += "\n\n" + "\n".join(("- " if markdown else "") + line for line in summary)
@@ -980,7 +1255,12 @@ def run_study(
             for seed in config.seed_values:
                 path = _run_dir(out_dir, encoding, seed) / "result.json"
                 if path.is_file():
-                    runs[encoding][seed] = _read_run(path, corpus_info)
+                    run = _read_run(path, corpus_info)
+                    # A run from before a variant was asked for is evaluated again (its
+                    # training is done: the last checkpoint is read back).
+                    missing = set(config.variants(encoding)) - set(run.get("variants", {}))
+                    if "error" in run or not missing:
+                        runs[encoding][seed] = run
     _prepare_study_dir(out_dir, config, overwrite=overwrite)
     env = environment()
     log(
@@ -1005,11 +1285,14 @@ def run_study(
     }
 
     def refresh(*, figure: bool) -> None:
-        results["encodings"] = {
-            name: summarize_encoding([by_seed[s] for s in sorted(by_seed)], results["config"])
-            for name, by_seed in runs.items()
-            if by_seed
-        }
+        results["encodings"] = {}
+        for name, by_seed in runs.items():
+            if by_seed:
+                finished = [by_seed[s] for s in sorted(by_seed)]
+                results["encodings"][name] = summarize_encoding(finished, results["config"])
+                for variant in config.variants(name):
+                    row = EXTENSION_ROWS[variant].format(name)
+                    results["encodings"][row] = summarize_variant(finished, variant, config)
         results["summary"] = summarize(results)
         results["wall_seconds"] = time.perf_counter() - start
         _write_outputs(out_dir, results, figure=figure)
@@ -1021,7 +1304,9 @@ def run_study(
         if seed not in runs[encoding]
     ]
     total = len(config.encodings) * config.seeds
-    bar = _Progress(config, len(todo), enabled=progress, log=log, every=progress_every)
+    bar = _Progress(
+        config, [encoding for encoding, _ in todo], enabled=progress, log=log, every=progress_every
+    )
     if total > len(todo):
         bar.log(f"{total - len(todo)} of {total} models done earlier, read back")
     try:
@@ -1037,7 +1322,7 @@ def run_study(
                     run = run_recall(encoding, seed, config, run_dir, bar)
             except FloatingPointError as error:
                 run = {"encoding": encoding, "seed": seed, "error": str(error)}
-                bar.advance(bar.per_run - (bar.done - done_before))  # this model's rest
+                bar.advance(bar.per_run(encoding) - (bar.done - done_before))  # the rest
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "result.json").write_text(json.dumps(run, indent=1))
             runs[encoding][seed] = run
@@ -1091,8 +1376,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_name_list,
         default=(),
         metavar="A,B+C,...",
-        help="comma-separated registry names, '+' combines (default: every registered one: "
-        + ", ".join(registry.available_encodings())
+        help="comma-separated registry names, '+' combines (default: every registered one "
+        "but "
+        + ", ".join(NOT_IN_DEFAULT)
+        + ", which --extend evaluates on rope models: "
+        + ", ".join(default_encodings())
         + ")",
     )
     parser.add_argument(
@@ -1127,6 +1415,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--recall-probes", "recall_probes", int, "recall questions per sequence"),
         ("--recall-distractors", "recall_distractors", int, "recall filler keys"),
         ("--recall-sequences", "recall_eval_sequences", int, "recall sequences per point"),
+        (
+            "--randomized-positions",
+            "randomized_positions",
+            int,
+            "MAX: train every model on sorted random positions from [0, MAX) and evaluate "
+            "with positions drawn the same way (Ruoss et al., 2023), plus a row at positions "
+            "0..n-1; MAX >= the longest evaluation length; position-based encodings only; "
+            "0: off",
+        ),
     )
     for flag, field, kind, text in options:
         parser.add_argument(
@@ -1139,6 +1436,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(),
         metavar="N,N,...",
         help="evaluation lengths (default: 1x, 2x, 4x, 8x the training length)",
+    )
+    parser.add_argument(
+        "--extend",
+        default=None,
+        metavar="auto|none|selfextend,linear",
+        help="evaluation-only rows for every trained model with a rope part, same parameters, "
+        "no further training: selfextend (SelfExtend, Jin et al. 2024: window train_len/2, "
+        "the smallest group size that keeps grouped distances below train_len at each "
+        "length) and linear (position interpolation, Chen et al. 2023: positions times "
+        "train_len/length); auto: both, none with --randomized-positions (default auto)",
     )
     parser.add_argument(
         "--attention",

@@ -22,6 +22,13 @@
   uses `mode="error"` trains, and a position past its table raises a ValueError on the
   host naming the step. Without such checks the error value has no leaves and reading
   it costs nothing; with them every step waits for its check before the next one.
+* Randomized positions (Ruoss et al., 2023): with `randomized_positions=MAX` every
+  training sequence gets its own sorted positions, a uniformly random subset of
+  `[0, MAX)` without replacement (`jax_posenc.content.randomized_positions`), drawn
+  inside the jitted step from the seed and the step (`training_positions`), so a
+  resumed or multi-host run draws the same ones. The model must take positions
+  (`model.apply(params, tokens, positions)`, as `jax_posenc.Transformer` does);
+  evaluation passes positions explicitly (`evaluate(..., positions=...)`) or none.
 * Metrics: JSON lines (`step`, `loss`, `grad_norm`, `learning_rate`, `tokens_per_s`),
   and a tqdm progress bar showing the loss and tokens/s.
 """
@@ -53,7 +60,7 @@ from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jax_posenc import _checks, _files, data
+from jax_posenc import _checks, _files, content, data, registry
 
 DATA_AXIS = "data"
 
@@ -76,6 +83,10 @@ class TrainConfig:
       seed: seeds both the parameter initialization and the data order.
       checkpoint_every: steps between checkpoints (one is also written at the end).
       log_every: steps between metric lines and progress-bar updates.
+      randomized_positions: 0 for the positions 0..seq_len-1; otherwise MAX, and each
+        training sequence takes sorted distinct positions drawn uniformly from
+        `[0, MAX)` (Ruoss et al., 2023; see `training_positions`). At least `seq_len`;
+        a model with a position table needs `MAX` rows.
     """
 
     steps: int = 1000
@@ -91,10 +102,18 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
+    randomized_positions: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
             _checks.check_positive_int(name, getattr(self, name))
+        _checks.check_min_int("randomized_positions", self.randomized_positions, 0)
+        if 0 < self.randomized_positions < self.seq_len:
+            raise ValueError(
+                f"randomized_positions={self.randomized_positions} must be 0 (off) or at "
+                f"least seq_len={self.seq_len}: each sequence draws seq_len distinct "
+                "positions from [0, randomized_positions)"
+            )
         _checks.check_min_int("seed", self.seed, 0)
         for name in ("learning_rate", "grad_clip"):
             _checks.check_positive_float(name, getattr(self, name))
@@ -183,16 +202,86 @@ def shard_batch(global_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     )
 
 
-def next_token_losses(model: nn.Module, params, windows: jax.Array) -> jax.Array:
+def next_token_losses(
+    model: nn.Module, params, windows: jax.Array, positions: jax.Array | None = None
+) -> jax.Array:
     """Cross-entropy of each next-token prediction, float32 `[B, L]`.
 
     Args:
-      model: a `Transformer` (anything mapping `[B, L]` tokens to `[B, L, V]` logits).
+      model: a `Transformer` (anything mapping `[B, L]` tokens to `[B, L, V]` logits;
+        with `positions`, called as `model.apply(params, tokens, positions)`).
       params: its variables.
       windows: integer `[B, L + 1]`; inputs are `[:, :-1]`, targets `[:, 1:]`.
+      positions: optional integer `[B, L]` positions of the inputs; None for the
+        model's default (0..L-1).
     """
-    logits = model.apply(params, windows[:, :-1])
+    if positions is None:
+        logits = model.apply(params, windows[:, :-1])
+    else:
+        logits = model.apply(params, windows[:, :-1], positions)
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
+
+
+# Roles whose terms are functions of the positions (a token bias reads per-token values
+# of the content instead, and an encoding without any role has no positions at all).
+_POSITION_ROLES = ("input_embedding", "qk_transform", "logit_bias", "relative_terms")
+
+
+def takes_positions(encoding: str) -> bool:
+    """Whether the registry encoding `encoding` uses the token positions (RoPE,
+    sinusoidal, learned, ALiBi, T5, ... and layer schedules do; NoPE `none` and FoX
+    `fox` alone do not, so randomized positions cannot change them)."""
+    return any(
+        part.takes_layer is not None or any(getattr(part, r) is not None for r in _POSITION_ROLES)
+        for part in registry.resolve(encoding)
+    )
+
+
+def check_randomized_model(model: nn.Module, config: TrainConfig) -> None:
+    """Raises ValueError where `model` cannot train with `config.randomized_positions`:
+    a `jax_posenc.Transformer` whose encoding takes no positions, or whose
+    `max_positions` is below the range the positions are drawn from."""
+    if not config.randomized_positions:
+        return
+    model_config = getattr(model, "config", None)
+    encoding = getattr(model_config, "encoding", None)
+    if isinstance(encoding, str) and not takes_positions(encoding):
+        raise ValueError(
+            f"randomized_positions={config.randomized_positions} needs a position-based "
+            f"encoding, but {encoding!r} does not read positions (randomizing them would "
+            "change nothing); use 0 or an encoding such as rope, sinusoidal, alibi or t5"
+        )
+    max_positions = getattr(model_config, "max_positions", None)
+    if isinstance(max_positions, int) and max_positions < config.randomized_positions:
+        raise ValueError(
+            f"randomized_positions={config.randomized_positions} draws positions up to "
+            f"{config.randomized_positions - 1}, but the model has max_positions="
+            f"{max_positions}; raise max_positions to at least {config.randomized_positions}"
+        )
+
+
+# Stream of the position draws, apart from the parameter initialization's key(seed).
+_POSITIONS_STREAM = 0x706F73
+
+
+def training_positions(config: TrainConfig, step: jax.Array | int) -> jax.Array | None:
+    """The positions of the training batch of `step`, int32 `[batch_size, seq_len]`, or
+    None without `randomized_positions`.
+
+    Each row is a sorted uniformly random `seq_len`-subset of
+    `[0, randomized_positions)` (`jax_posenc.content.randomized_positions`), a pure
+    function of `config.seed` and `step` (which may be traced), so every process and
+    a resumed run draw the same positions.
+    """
+    if not config.randomized_positions:
+        return None
+    key = jax.random.fold_in(jax.random.key(config.seed), _POSITIONS_STREAM)
+    return content.randomized_positions(
+        jax.random.fold_in(key, step),
+        config.batch_size,
+        config.seq_len,
+        config.randomized_positions,
+    )
 
 
 def _checked_jit(fn: Callable, mesh: Mesh, *, out_shardings, **jit_kwargs) -> Callable:
@@ -254,8 +343,10 @@ def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
     schedule = learning_rate_schedule(config)
 
     def step(state: TrainState, batch: jax.Array):
+        positions = training_positions(config, state.step)
+
         def loss_fn(params):
-            return next_token_losses(model, params, batch).mean()
+            return next_token_losses(model, params, batch, positions).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -278,17 +369,17 @@ def make_train_step(model: nn.Module, config: TrainConfig, mesh: Mesh):
 
 
 @_jit_cache
-def _total_loss_fn(model: nn.Module, mesh: Mesh):
-    """Jitted `(params, windows, weights) -> (error, sum of the weighted token losses)`."""
+def _total_loss_fn(model: nn.Module, mesh: Mesh, with_positions: bool = False):
+    """Jitted `(params, windows, weights[, positions]) -> (error, sum of the weighted
+    token losses)`."""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
-    def total_loss(params, batch, weights):
-        return (next_token_losses(model, params, batch) * weights).sum()
+    def total_loss(params, batch, weights, positions=None):
+        return (next_token_losses(model, params, batch, positions) * weights).sum()
 
-    return _checked_jit(
-        total_loss, mesh, in_shardings=(replicated, sharded, sharded), out_shardings=replicated
-    )
+    shardings = (replicated, sharded, sharded) + ((sharded,) if with_positions else ())
+    return _checked_jit(total_loss, mesh, in_shardings=shardings, out_shardings=replicated)
 
 
 def evaluate(
@@ -299,6 +390,7 @@ def evaluate(
     batch_size: int,
     mesh: Mesh,
     token_weights: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> float:
     """Mean next-token loss (nats per token) over all `windows` `[N, L + 1]`.
@@ -314,6 +406,8 @@ def evaluate(
       token_weights: `[N, L]` weight of each prediction, None for all ones; the result
         is the weighted mean (sliding windows score only their last predictions, see
         `jax_posenc.data.sliding_windows`).
+      positions: `[N, L]` integer positions of each window's inputs (e.g. randomized
+        positions, as Ruoss et al. evaluate); None for the model's default 0..L-1.
       callback: called as `callback(windows_done, N)` after every batch.
     """
     batch_size = min(_checks.check_positive_int("batch_size", batch_size), len(windows))
@@ -325,7 +419,14 @@ def evaluate(
             f"token_weights must have shape {(len(windows), windows.shape[1] - 1)} to match "
             f"windows {windows.shape}, got {token_weights.shape}"
         )
-    total_loss = _total_loss_fn(model, mesh)
+    if positions is not None:
+        positions = np.asarray(positions)
+        if positions.shape != token_weights.shape or not np.issubdtype(positions.dtype, np.integer):
+            raise ValueError(
+                f"positions must be integer with shape {token_weights.shape} to match "
+                f"windows {windows.shape}, got {positions.dtype} {positions.shape}"
+            )
+    total_loss = _total_loss_fn(model, mesh, positions is not None)
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
@@ -333,7 +434,15 @@ def evaluate(
         weights[: len(chunk)] = token_weights[start : start + batch_size]
         padding = np.zeros((batch_size - len(chunk), windows.shape[1]), windows.dtype)
         chunk = np.concatenate([chunk, padding])
-        error, loss = total_loss(params, shard_batch(chunk, mesh), shard_batch(weights, mesh))
+        arguments = [shard_batch(chunk, mesh), shard_batch(weights, mesh)]
+        if positions is not None:
+            # Padding rows (zero weight) take the positions 0..L-1.
+            rows = np.broadcast_to(np.arange(windows.shape[1] - 1, dtype=np.int32), weights.shape)
+            rows = rows.copy()
+            given = positions[start : start + batch_size]
+            rows[: len(given)] = given
+            arguments.append(shard_batch(rows, mesh))
+        error, loss = total_loss(params, *arguments)
         _raise_failed_check(error, f"evaluating windows of {windows.shape[1] - 1} tokens")
         total += float(loss)
         if callback is not None:
@@ -351,6 +460,12 @@ def _check_same_config(directory: Path, record: dict[str, Any]) -> None:
     path = directory / "train_config.json"
     if path.exists():
         saved = _files.read_json(path)
+        if isinstance(saved.get("train"), dict):
+            # A field added since the run started held its default then.
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            for key, value in record["train"].items():
+                if key not in saved["train"] and value == defaults.get(key):
+                    saved["train"][key] = value
         if saved != record:
             saved_train = saved.get("train")
             saved_train = saved_train if isinstance(saved_train, dict) else {}
@@ -495,6 +610,7 @@ def train(
     """
     mesh = data_mesh() if mesh is None else mesh
     _check_divisible(config.batch_size, mesh)
+    check_randomized_model(model, config)
     if checkpoint_dir is not None:
         directory = Path(checkpoint_dir).absolute()
         _check_same_config(directory, _config_record(model, config))

@@ -1,5 +1,6 @@
 """Tests for the length-extrapolation study (language model and recall) and its command line."""
 
+import dataclasses
 import json
 import math
 import platform
@@ -12,6 +13,7 @@ import pytest
 
 from jax_posenc import cli, data, study, train
 from jax_posenc.model import Transformer
+from jax_posenc.rope_scaling import LinearScaling
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = [
@@ -297,7 +299,8 @@ def test_default_evaluation_lengths_are_one_to_eight_times_the_training_length()
     assert config.eval_lens == (48, 96, 192, 384) and config.eval_stride == 24
     assert config.eval_tokens % 384 == 0 and config.eval_tokens >= 8192
     assert config.model_config("learned").max_positions == 384
-    assert study.StudyConfig().encodings == study.registry.available_encodings()
+    everything = study.registry.available_encodings()
+    assert study.StudyConfig().encodings == tuple(n for n in everything if n != "selfextend")
     assert study.StudyConfig().seed_values == (0,)
     assert study.StudyConfig(seed=3, seeds=3).seed_values == (3, 4, 5)
 
@@ -379,3 +382,192 @@ def test_summary_names_best_worst_and_what_the_seed_spread_cannot_separate():
     line = study.summary_lines(results)[0]
     assert line.startswith("non-overlapping windows, ppl at 8: best a (5.100), worst c = d (6.100)")
     assert "within the seed spread of the best: b" in line
+
+
+# ---------------------------------------------------------------- evaluation-only variants
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    out = tmp_path_factory.mktemp("extend")
+    assert run_cli("--encodings", "rope", "--seeds", "2", "--out", str(out), *TINY) == 0
+    return out
+
+
+def _independent_loss(model, params, windows, positions=None) -> float:
+    """Mean next-token NLL in float64 NumPy from the model's logits."""
+    if positions is None:
+        logits = model.apply(params, windows[:, :-1])
+    else:
+        logits = model.apply(params, windows[:, :-1], positions)
+    logits = np.asarray(logits, np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    targets = windows[:, 1:]
+    return float(-np.take_along_axis(log_p, targets[..., None], axis=-1).mean())
+
+
+def _trained_rope(out, seed):
+    config = study.StudyConfig(
+        encodings=("rope",), steps=4, train_len=8, eval_lens=(8, 16), d_model=16, layers=1,
+        heads=2, batch_size=4, train_bytes=20000, heldout_bytes=5000, eval_tokens=64,
+    )  # fmt: skip
+    corpus = data.load_corpus(train_bytes=20000, heldout_bytes=5000)
+    model = Transformer(config.model_config("rope"))
+    run_dir = out / "rope" / f"seed{seed}"
+    # The run is finished: train() restores its last checkpoint and trains no step.
+    state = train.train(
+        model, config.train_config(seed), corpus.train, checkpoint_dir=run_dir, progress=False
+    ).state
+    return config, corpus, state.params
+
+
+def test_rope_models_get_selfextend_and_linear_rows_in_both_modes(extended):
+    results = json.loads((extended / "results.json").read_text())
+    names = list(results["encodings"])
+    assert names == [
+        "rope",
+        "rope → selfextend (eval only)",
+        "rope → linear PI (eval only)",
+    ]
+    assert results["config"]["extend"] == ["selfextend", "linear"]
+    for name in names[1:]:
+        entry = results["encodings"][name]
+        assert entry["trained"] == "rope" and entry["seeds"] == [0, 1]
+        for mode in study.MODES:
+            for length in ("8", "16"):
+                values = [run["ppl"][mode][length] for run in entry["runs"]]
+                stats = entry["ppl"][mode][length]
+                assert stats["n"] == 2 and stats["min"] == min(values)
+            assert entry["ratio"][mode]["n"] == 2
+        # At the training length both are plain RoPE (group 1, factor 1).
+        for mode in study.MODES:
+            assert entry["ppl"][mode]["8"] == results["encodings"]["rope"]["ppl"][mode]["8"]
+    # Hand-computed: train_len 8, window 4; at 16 tokens group 3 would reach
+    # 15 // 3 + 4 - 1 = 8 > 7, group 4 reaches 15 // 4 + 4 - 1 = 6.
+    settings = results["encodings"]["rope → selfextend (eval only)"]["settings"]
+    assert settings == {
+        "8": {"window": 4, "group_size": 1},
+        "16": {"window": 4, "group_size": 4},
+    }
+    assert results["encodings"]["rope → linear PI (eval only)"]["settings"]["16"] == {"factor": 2.0}
+    table = (extended / "results.md").read_text()
+    assert "| rope → selfextend (eval only) |" in table and "group size 1 at 8, 4 at 16" in table
+    runs = results["encodings"]["rope"]["runs"]
+    assert all(set(run["variants"]) == {"selfextend", "linear"} for run in runs)
+
+
+def test_selfextend_row_is_the_selfextend_encoding_on_the_trained_rope_params(extended):
+    config, corpus, params = _trained_rope(extended, 1)
+    model = Transformer(
+        dataclasses.replace(
+            config.model_config("rope"),
+            encoding="selfextend",
+            encoding_options={"selfextend": {"window": 4, "group_size": 4}},
+        )
+    )
+    windows = data.eval_windows(corpus.heldout, seq_len=16, num_tokens=64, start=16)
+    expected = _independent_loss(model, params, windows)
+    run = json.loads((extended / "rope" / "seed1" / "result.json").read_text())
+    got = run["variants"]["selfextend"]["loss"]["nonoverlapping"]["16"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # Grouping is active: it is not plain RoPE at 16 tokens.
+    assert abs(run["loss"]["nonoverlapping"]["16"] - got) > 1e-4
+
+
+def test_linear_row_is_rope_at_positions_divided_by_the_factor(extended):
+    config, corpus, params = _trained_rope(extended, 0)
+    base = config.model_config("rope")
+    rope = Transformer(base)
+    scaled = Transformer(
+        dataclasses.replace(base, encoding_options={"rope": {"scaling": LinearScaling(2.0)}})
+    )
+    windows = data.eval_windows(corpus.heldout, seq_len=16, num_tokens=64, start=16)
+    run = json.loads((extended / "rope" / "seed0" / "result.json").read_text())
+    got = run["variants"]["linear"]["loss"]["nonoverlapping"]["16"]
+    np.testing.assert_allclose(got, _independent_loss(scaled, params, windows), rtol=1e-5)
+    # Closed form: with every frequency divided by 2, position 2p is RoPE's position p.
+    tokens = windows[:2, :8]
+    p = np.arange(8)[None]
+    np.testing.assert_allclose(
+        scaled.apply(params, tokens, 2 * p), rope.apply(params, tokens, p), atol=2e-5
+    )
+
+
+def test_resume_evaluates_variants_a_finished_run_lacks(tmp_path, extended, capsys):
+    out = tmp_path / "study"
+    shutil.copytree(extended, out)
+    path = out / "rope" / "seed0" / "result.json"
+    run = json.loads(path.read_text())
+    del run["variants"]
+    path.write_text(json.dumps(run))
+    assert run_cli("--encodings", "rope", "--seeds", "2", "--out", str(out), "--resume", *TINY) == 0
+    assert "1 of 2 models done earlier" in capsys.readouterr().out
+    again = json.loads(path.read_text())
+    before = json.loads((extended / "rope" / "seed0" / "result.json").read_text())
+    np.testing.assert_allclose(
+        again["variants"]["selfextend"]["loss"]["sliding"]["16"],
+        before["variants"]["selfextend"]["loss"]["sliding"]["16"],
+        rtol=1e-6,
+    )
+
+
+def test_default_list_leaves_out_selfextend_and_extend_settles():
+    assert "selfextend" not in study.default_encodings() and "rope" in study.default_encodings()
+    config = study.StudyConfig(encodings=("rope", "t5"), train_len=64)
+    assert config.extend == ("selfextend", "linear")
+    assert config.variants("rope") == ("selfextend", "linear") and config.variants("t5") == ()
+    # Window 32; the smallest groups that keep (n - 1) // G + 32 - 32 // G below 64.
+    groups = [config.selfextend_settings(n)["group_size"] for n in (64, 128, 256, 512)]
+    assert groups == [1, 4, 8, 16]
+    for n, group in zip((128, 256, 512), groups[1:], strict=True):
+        assert 32 + (n - 32) / group <= 64  # the paper's condition
+        assert (n - 1) // (group - 1) + 32 - 32 // (group - 1) > 63  # smallest
+    assert study.StudyConfig(encodings=("rope",), extend="none").variants("rope") == ()
+    assert study.StudyConfig(encodings=("rope",), extend="linear").extend == ("linear",)
+
+
+# ---------------------------------------------------------------- randomized positions
+
+
+def test_randomized_study_rows_and_evaluation_positions(tmp_path):
+    args = ("--encodings", "rope", "--randomized-positions", "32", "--out", str(tmp_path))
+    assert run_cli(*args, *TINY, "--eval-lens", "16") == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["randomized_positions"] == 32 and results["config"]["extend"] == []
+    assert list(results["encodings"]) == ["rope", "rope (eval at 0..n-1)"]
+    run = results["encodings"]["rope"]["runs"][0]
+    assert set(run["variants"]) == {"consecutive"}
+    for mode in study.MODES:  # sampled positions are not 0..15: other numbers
+        assert run["loss"][mode]["16"] != run["variants"]["consecutive"]["loss"][mode]["16"]
+    config = study.StudyConfig(
+        encodings=("rope",), train_len=8, eval_lens=(8, 16), randomized_positions=32
+    )
+    assert config.model_config("rope").max_positions == 32
+    # Evaluation positions are drawn like training ones: sorted, distinct, in range,
+    # reproducible; at length == MAX they are all the positions.
+    positions = study.eval_positions(config, "sliding", 16, 50, seed=0)
+    assert positions.shape == (50, 16)
+    assert (np.diff(positions, axis=1) > 0).all() and positions.min() >= 0
+    assert positions.max() < 32 and positions.max() > 16
+    np.testing.assert_array_equal(positions, study.eval_positions(config, "sliding", 16, 50, 0))
+    np.testing.assert_array_equal(
+        study.eval_positions(config, "nonoverlapping", 32, 3, 0), np.tile(np.arange(32), (3, 1))
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"randomized_positions": -1}, "randomized_positions must be an integer >= 0"),
+        ({"randomized_positions": 12}, "randomized_positions=12 must be at least the longest"),
+        ({"randomized_positions": 32, "encodings": ("rope", "none")}, r"\['none'\] read no"),
+        ({"randomized_positions": 32, "extend": "linear"}, "use extend='none'"),
+        ({"randomized_positions": 32, "task": "recall"}, "task='lm' only"),
+        ({"extend": "selfextend,yarn"}, "extend must list each of"),
+    ],
+)
+def test_study_rejects_bad_position_options(settings, match):
+    base = {"encodings": ("rope",), "train_len": 8, "eval_lens": (8, 16)}
+    with pytest.raises(ValueError, match=match):
+        study.StudyConfig(**{**base, **settings})

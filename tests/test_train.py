@@ -359,3 +359,92 @@ def test_blockwise_model_trains_under_remat_and_scanned_layers_with_dict_options
     )
     losses = [line["loss"] for line in train.train(model, config, corpus.train).history]
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < losses[0] - 1.5
+
+
+# ---------------------------------------------------------------- randomized positions
+
+
+_SEEN: list[np.ndarray] = []
+
+
+class _PositionProbe(nn.Module):
+    """Records the positions each call receives in `_SEEN` (-1 rows for none) and
+    predicts the next byte from the current one."""
+
+    @nn.compact
+    def __call__(self, tokens, positions=None):
+        shown = jnp.full(tokens.shape, -1, jnp.int32) if positions is None else positions
+        jax.debug.callback(lambda p: _SEEN.append(np.asarray(p)), shown)
+        return nn.Dense(256)(nn.Embed(256, 8)(tokens))
+
+
+def test_randomized_training_feeds_sorted_positions_from_the_range(corpus):
+    seen = _SEEN
+    seen.clear()
+    model = _PositionProbe()
+    config = train.TrainConfig(
+        steps=6, batch_size=4, seq_len=8, log_every=1, randomized_positions=40
+    )
+    train.train(model, config, corpus.train, progress=False)
+    steps = [p for p in seen if (p >= 0).all()]
+    assert len(steps) == 6
+    for step, positions in enumerate(steps):
+        assert positions.shape == (4, 8) and positions.dtype == np.int32
+        assert (np.diff(positions, axis=1) > 0).all()  # sorted and distinct
+        assert positions.min() >= 0 and positions.max() < 40
+        np.testing.assert_array_equal(positions, train.training_positions(config, step))
+    drawn = np.stack(steps)
+    assert drawn.max() >= 8  # not 0..7: the range beyond the sequence is used
+    assert len({p.tobytes() for p in drawn.reshape(-1, 8)}) == 24  # a new draw per row
+    # Evaluation without positions leaves the model's default (0..L-1 for a Transformer).
+    seen.clear()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    windows = data.eval_windows(corpus.heldout, seq_len=8, num_tokens=32)
+    train.evaluate(model, params, windows, batch_size=4, mesh=train.data_mesh())
+    assert seen and all((p == -1).all() for p in seen)
+    given = np.tile(np.arange(0, 24, 3, dtype=np.int32), (4, 1))
+    seen.clear()
+    train.evaluate(model, params, windows, batch_size=4, mesh=train.data_mesh(), positions=given)
+    np.testing.assert_array_equal(seen[-1], given)
+
+
+def test_transformer_eval_default_is_consecutive_positions(corpus):
+    model = Transformer(TransformerConfig(encoding="rope", d_model=16, num_heads=2))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    windows = data.eval_windows(corpus.heldout, seq_len=8, num_tokens=16)
+    mesh = train.data_mesh()
+    consecutive = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+    default = train.evaluate(model, params, windows, batch_size=2, mesh=mesh)
+    given = train.evaluate(model, params, windows, batch_size=2, mesh=mesh, positions=consecutive)
+    spread = train.evaluate(
+        model, params, windows, batch_size=2, mesh=mesh, positions=3 * consecutive
+    )
+    assert default == given and abs(spread - default) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"randomized_positions": -3}, "randomized_positions must be an integer >= 0"),
+        ({"randomized_positions": 5, "seq_len": 8}, "randomized_positions=5 must be 0"),
+    ],
+)
+def test_randomized_positions_rejects_bad_values(settings, match):
+    with pytest.raises(ValueError, match=match):
+        train.TrainConfig(**settings)
+
+
+def test_randomized_positions_needs_a_position_based_model_with_room(corpus):
+    config = train.TrainConfig(steps=1, batch_size=2, seq_len=8, randomized_positions=64)
+    for encoding in ("none", "fox"):
+        assert not train.takes_positions(encoding)
+        model = Transformer(TransformerConfig(encoding=encoding, d_model=16, num_heads=2))
+        with pytest.raises(ValueError, match=f"but '{encoding}' does not read positions"):
+            train.train(model, config, corpus.train, progress=False)
+    for encoding in ("rope", "sinusoidal", "learned", "alibi", "t5", "fox+rope"):
+        assert train.takes_positions(encoding)
+    small = Transformer(
+        TransformerConfig(encoding="learned", d_model=16, num_heads=2, max_positions=32)
+    )
+    with pytest.raises(ValueError, match=r"randomized_positions=64 .* max_positions=32"):
+        train.train(small, config, corpus.train, progress=False)
