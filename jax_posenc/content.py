@@ -505,14 +505,17 @@ class ContextualPositionEmbedding(nn.Module):
       num_heads: query heads H.
       head_dim: features per head D.
       num_positions: table size; contextual positions are clipped to
-        `num_positions - 1` (the reference uses the training length + 1).
+        `num_positions - 1`. The reference code uses the training length + 1 and the
+        paper notes that a small maximum works; the default does not depend on the
+        sequence length, so the same parameters serve every length (in
+        `make_attention_fn` and `jax_posenc.nnx.AttentionFn` too).
       shared_across_heads: one table for all heads (the reference) or one per head.
       embedding_stddev: standard deviation of normal initial embeddings; 0 for zeros.
     """
 
     num_heads: int
     head_dim: int
-    num_positions: int
+    num_positions: int = 64
     shared_across_heads: bool = True
     embedding_stddev: float = 0.0
 

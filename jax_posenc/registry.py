@@ -554,8 +554,6 @@ register(
 def _cope(spec: EncodingSpec) -> nn.Module:
     module = content.ContextualPositionEmbedding
     options = spec.take_options("cope", module, fixed=("num_heads", "head_dim"))
-    # The reference sizes the table for every count a row can reach: length + 1.
-    options.setdefault("num_positions", spec.max_positions + 1)
     return module(spec.num_heads, spec.head_dim, **options)
 
 

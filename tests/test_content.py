@@ -717,4 +717,33 @@ def test_cope_module_materializes_the_reference_term_and_is_registered():
     assert encoding.contributes == ("contextual_bias",)
     spec = pe.EncodingSpec(d_model=16, num_heads=2, head_dim=8, max_positions=32)
     ((_, role, built),) = pe.registry.attention_modules("cope", spec)
-    assert role == "contextual_bias" and built.num_positions == 33 and built.shared_across_heads
+    assert role == "contextual_bias" and built.num_positions == 64 and built.shared_across_heads
+
+
+def test_cope_decodes_through_flax_s_cache():
+    """`decode=True`, one token at a time (gates masked to the filled cache slots),
+    equals the full causal pass, and the learned table changes the output."""
+    x = _normal(80, (2, 9, 16))
+
+    def layer(decode):
+        return nn.MultiHeadDotProductAttention(
+            num_heads=2, qkv_features=16, decode=decode,
+            attention_fn=pe.make_attention_fn("cope", cope={"embedding_stddev": 1.0}),
+        )  # fmt: skip
+
+    mask = nn.make_causal_mask(x[..., 0])
+    params = layer(False).init(jax.random.key(0), x, mask=mask)["params"]
+    full = layer(False).apply({"params": params}, x, mask=mask)
+    cache = layer(True).init(jax.random.key(0), x)["cache"]
+    outputs = []
+    for t in range(9):
+        out, updated = layer(True).apply(
+            {"params": params, "cache": cache}, x[:, t : t + 1], mutable=["cache"]
+        )
+        cache = updated["cache"]
+        outputs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-6)
+    without = jax.tree_util.tree_map_with_path(
+        lambda path, p: 0 * p if "embeddings" in jax.tree_util.keystr(path) else p, params
+    )
+    assert float(jnp.abs(layer(False).apply({"params": without}, x, mask=mask) - full).max()) > 1e-3

@@ -32,10 +32,10 @@ def test_learned_factory_sizes_the_table_from_the_spec():
     assert params["params"]["embedding"].shape == (32, 16)
 
 
-def test_cope_factory_sizes_one_shared_table_for_every_count_a_row_can_reach():
+def test_cope_factory_builds_one_shared_table_of_a_fixed_size_by_default():
     (module,) = [m for _, _, m in pe.registry.attention_modules("cope", _spec())]
     params = module.init(jax.random.key(0), jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)))
-    assert params["params"]["embeddings"].shape == (1, 33, 8)  # max_positions + 1 rows
+    assert params["params"]["embeddings"].shape == (1, 64, 8)  # not sized by the length
     options = {"num_positions": 5, "shared_across_heads": False}
     (module,) = [m for _, _, m in pe.registry.attention_modules("cope", _spec(cope=options))]
     params = module.init(jax.random.key(0), jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)))
