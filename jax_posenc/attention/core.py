@@ -51,8 +51,15 @@ from jax_posenc.attention._block import (
     init_softmax,
 )
 from jax_posenc.attention._blockwise import blockwise
+from jax_posenc.attention._pallas import (
+    apply_rope_tables,
+    check_rope_frequencies,
+    check_supported,
+    pallas_attention,
+    rope_tables,
+)
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas")
 # Blockwise (q_block, k_block) when none is given, by key length: `(up to k_len, size)`
 # rows, the last for every longer sequence. Measured on the 2-core x86 CPU these tests
 # run on (float32, batch 1, 8 heads, causal, ALiBi, head_dim 64 and 128, forward and
@@ -213,11 +220,17 @@ def default_block_size(
     raise AssertionError("CPU_BLOCK_TABLE ends with a row for every length")
 
 
-def resolve_implementation(implementation: str, q_len: int, k_len: int) -> str:
-    """ "xla" or "blockwise": `implementation` itself, or what "auto" picks for the shapes."""
+def resolve_implementation(
+    implementation: str, q_len: int, k_len: int, *, pallas_supported: bool = False
+) -> str:
+    """`implementation` itself, or what "auto" picks: "pallas" on a GPU backend when the
+    fused kernel supports the terms (`pallas_supported`), else "xla" or "blockwise" by
+    the shapes."""
     _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
     if implementation != "auto":
         return implementation
+    if pallas_supported and jax.default_backend() == "gpu":
+        return "pallas"
     return "xla" if q_len * k_len <= AUTO_XLA_MAX_LOGITS else "blockwise"
 
 
@@ -302,6 +315,7 @@ def dot_product_attention(
     implementation: str = "auto",
     block_size: int | tuple[int, int] | None = None,
     scale: float | None = None,
+    rope_frequencies: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention whose positional terms are functions of positions.
 
@@ -371,12 +385,23 @@ def dot_product_attention(
       causal: whether query i may only attend to keys with `k_pos <= q_pos`.
       segment_ids: integer `[B, L]` (self-attention, `Lq == Lk`) or a pair
         `(q_segment_ids [B, Lq], k_segment_ids [B, Lk])`.
-      implementation: "auto" (default: xla while the logits fit one block, blockwise
-        beyond; `resolve_implementation`), "xla" or "blockwise".
-      block_size: blockwise only; an int or a pair `(q_block, k_block)`, clipped to the
-        sequence lengths; lengths that are not multiples are padded internally. None:
-        `default_block_size` (a table measured on CPU, a rule on GPU/TPU).
+      implementation: "auto" (default: pallas on a GPU backend when the terms are ones it
+        supports; elsewhere xla while the logits fit one block, blockwise beyond;
+        `resolve_implementation`), "xla", "blockwise" or "pallas" (the fused kernels of
+        `_pallas.py`: bias_fn, causal, segment_ids, mask, positions, GQA and
+        rope_frequencies evaluated inside them; relative_terms, token_bias and
+        alternate raise a ValueError; without a GPU they run in Pallas interpret mode,
+        slow, for tests).
+      block_size: blockwise and pallas; an int or a pair `(q_block, k_block)`, clipped to
+        the sequence lengths; lengths that are not multiples are padded internally. None:
+        `default_block_size` for blockwise (a table measured on CPU, a rule on GPU/TPU),
+        `_pallas.default_block_sizes` for pallas (64 x 64 for head_dim > 64, else 128 x 128).
       scale: logit scale; `1 / sqrt(D)` when None.
+      rope_frequencies: float `[rotary_dim / 2]` RoPE inverse frequencies (radians per
+        position): q and k are rotated by their positions before the product, half-split
+        ("rotate_half") layout, the features past rotary_dim passed through; angles are
+        exact (`jax_posenc._angles.rotation_cos_sin`) for concrete frequencies. xla and
+        blockwise rotate q and k up front; pallas rotates each tile as it loads it.
 
     Returns:
       `[B, Lq, H, Dv]` in the dtype of `q`.
@@ -400,7 +425,12 @@ def dot_product_attention(
     check_attention_inputs(q, k, v)
     if contextual_bias is not None:
         implementation = check_contextual_bias(contextual_bias, implementation)
-    implementation = resolve_implementation(implementation, q.shape[1], k.shape[1])
+    implementation = resolve_implementation(
+        implementation,
+        q.shape[1],
+        k.shape[1],
+        pallas_supported=all(x is None for x in (relative_terms, token_bias, alternate)),
+    )
     blocks = block_sizes(block_size) or default_block_size(q.shape[1], k.shape[1], q.shape[3])
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
@@ -421,6 +451,10 @@ def dot_product_attention(
             f"got {list(jnp.shape(relative_terms.content_bias))}"
         )
     scale = 1.0 / math.sqrt(dim) if scale is None else _checks.check_positive_float("scale", scale)
+    if rope_frequencies is not None:
+        check_rope_frequencies(rope_frequencies, dim)
+    if implementation == "pallas":
+        check_supported(relative_terms=relative_terms, token_bias=token_bias, alternate=alternate)
 
     q_seg, k_seg, restart = resolve_segments(segment_ids, q_len, k_len, batch)
     q_pos, k_pos = resolve_positions(
@@ -429,7 +463,8 @@ def dot_product_attention(
         (q_len, k_len),
         batch,
         (q_seg, k_seg) if restart else None,
-        needed=causal or any(x is not None for x in (bias_fn, relative_terms, alternate)),
+        needed=causal
+        or any(x is not None for x in (bias_fn, relative_terms, alternate, rope_frequencies)),
     )
     if mask is not None:
         mask = mask_as_rank4(mask, (batch, heads, q_len, k_len))
@@ -451,7 +486,16 @@ def dot_product_attention(
         contextual_bias,
     )
     q, k, v = (heads_first(x) for x in (q, k, v))
-    if implementation == "xla":
+    if rope_frequencies is not None and implementation != "pallas":
+        q = apply_rope_tables(q, *rope_tables(q_pos, rope_frequencies))
+        k = apply_rope_tables(k, *rope_tables(k_pos, rope_frequencies))
+    if implementation == "pallas":
+        out = pallas_attention(
+            q, k, v, q_pos, k_pos, q_seg, k_seg, mask, scale=scale, causal=causal,
+            bias_fn=bias_fn, block_size=block_sizes(block_size),
+            rope_frequencies=rope_frequencies,
+        )  # fmt: skip
+    elif implementation == "xla":
         block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *extra)
         out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
     else:

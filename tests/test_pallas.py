@@ -1,0 +1,204 @@
+"""Tests for the fused Pallas attention kernels (`implementation="pallas"`).
+
+Everything runs on CPU in Pallas interpret mode (the same kernels, interpreted), at
+small sizes; the Triton lowering of the GPU kernels is checked by lowering for CUDA on
+this machine (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference_attention import attention_reference
+
+import jax_posenc as pe
+from jax_posenc.attention import _pallas
+
+BIASES = ("alibi", "t5", "kerple", "fire", "dpb")
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def _qkv(batch, q_len, k_len, heads, kv_heads, dim, seed=0, dtype=jnp.float32):
+    return (
+        _normal(seed, (batch, q_len, heads, dim), dtype),
+        _normal(seed + 1, (batch, k_len, kv_heads, dim), dtype),
+        _normal(seed + 2, (batch, k_len, kv_heads, dim), dtype),
+    )
+
+
+def _case(name):
+    """Arrays and keyword arguments of one comparison (odd lengths: not whole blocks)."""
+    if name == "causal_packed_gqa":
+        q, k, v = _qkv(2, 40, 40, 4, 2, 16, seed=1)
+        segments = np.array([[0] * 17 + [1] * 23, [3] * 40], np.int32)
+        return q, k, v, {"causal": True, "segment_ids": segments}
+    # Cross attention: queries after a cache (q_len != k_len), a mask with an empty row.
+    q, k, v = _qkv(2, 24, 40, 4, 4, 16, seed=2)
+    mask = np.random.default_rng(3).random((2, 1, 24, 40)) > 0.3
+    mask[:, :, 5] = False
+    q_positions = np.stack([16 + np.arange(24), 10 + np.arange(24)]).astype(np.int32)
+    return q, k, v, {"mask": mask, "q_positions": q_positions}
+
+
+def _bias_module(name, heads=4):
+    spec = pe.EncodingSpec(d_model=64, num_heads=heads, head_dim=16, max_positions=64)
+    module = pe.get_encoding(name).logit_bias(spec)
+    positions = jnp.arange(8)[None]
+    params = module.init(jax.random.key(0), positions, positions)
+    leaves, tree = jax.tree.flatten(params)
+    # Move every parameter off its (often zero or symmetric) initial value.
+    params = jax.tree.unflatten(tree, [x + 0.1 * _normal(i, x.shape) for i, x in enumerate(leaves)])
+    return module, params
+
+
+def _outputs_and_grads(implementation, q, k, v, params, module, kwargs, block_size=16):
+    def loss(q, k, v, params):
+        bias_fn = None if module is None else module.apply(params, method=lambda m: m.bias_fn())
+        out = pe.dot_product_attention(
+            q, k, v, bias_fn=bias_fn, implementation=implementation, block_size=block_size,
+            **kwargs,
+        )  # fmt: skip
+        weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    grads, out = jax.jit(grad)(q, k, v, params)
+    return out, grads
+
+
+def _assert_close(actual, expected, atol=2e-5):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), atol=atol)
+
+
+# ---------------------------------------------------------------- against the xla path
+
+
+# Every bias on the causal case; the cross-attention case for two, the rest marked slow
+# (each comparison compiles interpreted kernels for 2-5 s of CPU).
+MATRIX = [(name, "causal_packed_gqa") for name in BIASES] + [
+    ("alibi", "cross_masked"),
+    ("t5", "cross_masked"),
+    *(pytest.param(name, "cross_masked", marks=pytest.mark.slow) for name in BIASES[2:]),
+]
+
+
+@pytest.mark.parametrize(("name", "case"), MATRIX)
+def test_every_registered_bias_matches_xla_with_parameter_gradients(name, case):
+    q, k, v, kwargs = _case(case)
+    module, params = _bias_module(name)
+    expected = _outputs_and_grads("xla", q, k, v, params, module, kwargs)
+    actual = _outputs_and_grads("pallas", q, k, v, params, module, kwargs)
+    _assert_close(actual, expected)
+    param_grads = jax.tree.leaves(actual[1][3])
+    if param_grads:  # learned parameters really receive gradients
+        assert max(float(jnp.abs(g).max()) for g in param_grads) > 1e-3
+
+
+def test_alibi_matches_a_float64_reference():
+    q, k, v = _qkv(1, 37, 37, 2, 1, 16, seed=4)
+    slopes = 2.0 ** (-8.0 * np.arange(1, 3) / 2)
+    positions = np.arange(37)
+    out = pe.dot_product_attention(
+        q, k, v, bias_fn=lambda qp, kp: pe.alibi_bias(qp, kp, slopes), causal=True,
+        implementation="pallas", block_size=16,
+    )  # fmt: skip
+    bias = -slopes[:, None, None] * np.abs(positions[:, None] - positions[None, :])
+    allowed = positions[:, None] >= positions[None, :]
+    expected = attention_reference(q, k, v, bias=bias[None], allowed=allowed[None, None])
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_gradients():
+    q, k, v = _qkv(1, 20, 20, 2, 2, 16, seed=5)
+    mask = np.ones((1, 1, 20, 20), bool)
+    mask[:, :, 3] = False  # row 3 attends to nothing
+    kwargs = {"mask": mask, "causal": True, "q_positions": np.arange(20) - 2}  # rows 0, 1 too
+    module, params = _bias_module("t5", heads=2)
+    out, grads = _outputs_and_grads("pallas", q, k, v, params, module, kwargs)
+    expected = _outputs_and_grads("xla", q, k, v, params, module, kwargs)
+    for leaf in jax.tree.leaves((out, grads)):
+        assert np.isfinite(np.asarray(leaf)).all()
+    np.testing.assert_array_equal(out[0, [0, 1, 3]], 0.0)
+    np.testing.assert_array_equal(grads[0][0, [0, 1, 3]], 0.0)
+    _assert_close((out, grads), expected)
+
+
+@pytest.mark.parametrize(
+    ("term", "value"),
+    [
+        ("relative_terms", pe.RelativeTerms(content_bias=jnp.zeros((2, 16)))),
+        ("token_bias", pe.TokenBias(jnp.zeros((1, 2, 8)), jnp.zeros((1, 2, 8)), lambda a, b: 0.0)),
+        ("alternate", pe.AlternateLogits(*_qkv(1, 8, 8, 2, 2, 16)[:2], lambda a, b: True)),
+    ],
+)
+def test_unsupported_terms_raise_naming_the_term_and_the_alternatives(term, value):
+    q, k, v = _qkv(1, 8, 8, 2, 2, 16)
+    with pytest.raises(ValueError, match=f"does not support {term}.*'xla' or 'blockwise'"):
+        pe.dot_product_attention(q, k, v, implementation="pallas", **{term: value})
+
+
+# ---------------------------------------------------------------- RoPE inside the kernel
+
+
+def _rope_alibi_loss(implementation, inv_freq, positions, rope_in_kernel):
+    slopes = pe.alibi_slopes(4)
+
+    def loss(q, k, v):
+        if not rope_in_kernel:
+            q = pe.apply_rope(q, positions, inv_freq=inv_freq)
+            k = pe.apply_rope(k, positions, inv_freq=inv_freq)
+        out = pe.dot_product_attention(
+            q, k, v, bias_fn=lambda qp, kp: pe.alibi_bias(qp, kp, slopes), causal=True,
+            q_positions=positions, k_positions=positions, implementation=implementation,
+            block_size=16, rope_frequencies=inv_freq if rope_in_kernel else None,
+        )  # fmt: skip
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize("offset", [0, 1_000_000])
+def test_rope_alibi_in_one_pass_matches_apply_rope_then_xla(offset):
+    q, k, v = _qkv(2, 40, 40, 4, 2, 32, seed=6)
+    # rotary_dim 24 of head_dim 32: the last 8 features pass through.
+    inv_freq = 10000.0 ** (-np.arange(0, 24, 2) / 24)
+    positions = offset + np.arange(40)
+    (_, fused), fused_grads = _rope_alibi_loss("pallas", inv_freq, positions, True)(q, k, v)
+    (_, want), want_grads = _rope_alibi_loss("xla", inv_freq, positions, False)(q, k, v)
+    # Far positions too: the kernel's angles are the exact ones of apply_rope.
+    _assert_close((fused, fused_grads), (want, want_grads), atol=3e-5)
+
+
+# ---------------------------------------------------------------- lowering for CUDA
+
+
+def _lowers_for_cuda(fn, *args):
+    with _pallas.lowering_platform("cuda"):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "triton" in text.lower() or "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("kind", ["alibi_causal", "rope_alibi_segments"])
+def test_kernels_lower_to_triton_for_cuda_forward_and_backward(kind):
+    q, k, v = _qkv(1, 128, 128, 4, 2, 64, dtype=jnp.bfloat16)
+    slopes = pe.alibi_slopes(4)
+    kwargs = {"causal": True, "block_size": 32}
+    if kind == "rope_alibi_segments":
+        kwargs["segment_ids"] = np.array([[0] * 50 + [1] * 78], np.int32)
+        kwargs["rope_frequencies"] = 10000.0 ** (-np.arange(0, 64, 2) / 64)
+
+    def loss(q, k, v):
+        out = pe.dot_product_attention(
+            q, k, v, bias_fn=lambda qp, kp: pe.alibi_bias(qp, kp, slopes),
+            implementation="pallas", **kwargs,
+        )  # fmt: skip
+        return out.astype(jnp.float32).sum()
+
+    _lowers_for_cuda(loss, q, k, v)
+    _lowers_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
