@@ -55,6 +55,12 @@ def _bias_module(name, heads=4):
 
 
 def _outputs_and_grads(implementation, q, k, v, params, module, kwargs, block_size=16):
+    return _grad_fn(implementation, module, kwargs, block_size)(q, k, v, params)
+
+
+def _grad_fn(implementation, module, kwargs, block_size=16):
+    """Jitted `(q, k, v, params) -> (out, (dq, dk, dv, d_params))` of a weighted sum."""
+
     def loss(q, k, v, params):
         bias_fn = None if module is None else module.apply(params, method=lambda m: m.bias_fn())
         out = pe.dot_product_attention(
@@ -64,9 +70,8 @@ def _outputs_and_grads(implementation, q, k, v, params, module, kwargs, block_si
         weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
         return jnp.sum(out.astype(jnp.float32) * weights), out
 
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-    grads, out = jax.jit(grad)(q, k, v, params)
-    return out, grads
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    return lambda *args: grad(*args)[::-1]
 
 
 def _assert_close(actual, expected, atol=2e-5):
@@ -202,3 +207,102 @@ def test_kernels_lower_to_triton_for_cuda_forward_and_backward(kind):
 
     _lowers_for_cuda(loss, q, k, v)
     _lowers_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+
+
+# ---------------------------------------------------------------- dtypes, determinism
+
+
+def test_bfloat16_inputs_keep_their_dtype_and_match_xla_in_float32():
+    q, k, v = _qkv(1, 40, 40, 4, 4, 16, seed=7, dtype=jnp.bfloat16)
+    module, params = _bias_module("alibi")
+    kwargs = {"causal": True}
+    out, grads = _outputs_and_grads("pallas", q, k, v, params, module, kwargs)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads[:3])
+    as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want, want_grads = _outputs_and_grads("xla", *as_f32, params, module, kwargs)
+    np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-2)
+    for grad, expected in zip(grads[:3], want_grads[:3], strict=True):
+        np.testing.assert_allclose(grad.astype(jnp.float32), expected, atol=5e-2)
+
+
+def test_gradients_are_bit_identical_across_runs():
+    q, k, v, kwargs = _case("causal_packed_gqa")
+    module, params = _bias_module("t5")
+    run = _grad_fn("pallas", module, kwargs)
+    first, second = run(q, k, v, params), run(q, k, v, params)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- transformations
+
+
+def test_composes_with_jit_grad_jit_checkpoint_and_scan():
+    q, k, v = _qkv(1, 32, 32, 2, 2, 16, seed=8)
+    module, params = _bias_module("kerple", heads=2)
+
+    def layers(implementation):
+        @jax.jit
+        def attend(x, params):
+            bias_fn = module.apply(params, method=lambda m: m.bias_fn())
+            return pe.dot_product_attention(
+                x, k, v, bias_fn=bias_fn, causal=True, implementation=implementation,
+                block_size=16,
+            )  # fmt: skip
+
+        def loss(x, params):
+            def layer(x, _):
+                return jax.checkpoint(attend)(x, params), None
+
+            x, _ = jax.lax.scan(layer, x, None, length=2)
+            return jnp.sum(x * jnp.sin(jnp.arange(x.size).reshape(x.shape)))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(q, params)
+
+    _assert_close(layers("pallas"), layers("xla"))
+
+
+def test_auto_picks_pallas_only_on_gpu_and_only_for_supported_terms(monkeypatch):
+    resolve = pe.attention.resolve_implementation
+    assert resolve("auto", 4096, 4096, pallas_supported=True) == "blockwise"  # on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve("auto", 4096, 4096, pallas_supported=True) == "pallas"
+    assert resolve("auto", 4096, 4096, pallas_supported=False) == "blockwise"
+
+
+# ---------------------------------------------------------------- the GPU benchmark script
+
+
+def test_gpu_benchmark_refuses_without_a_gpu_and_builds_its_table(capsys):
+    from benchmarks import gpu_attention
+
+    assert gpu_attention.main(["--out", "unused"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    # Causal FLOPs: half of 4 * B * H * L^2 * D forward; forward + backward is 3.5x.
+    assert gpu_attention.causal_flops(1, 8, 1024, 128, "fwd") == 2 * 8 * 1024**2 * 128
+    assert gpu_attention.causal_flops(1, 8, 1024, 128, "fwd+bwd") == 7 * 8 * 1024**2 * 128
+    rows = [
+        {"length": 8, "mode": "fwd", "implementation": "cudnn", "term": "none", "seconds": 2.0},
+        {"length": 8, "mode": "fwd", "implementation": "blockwise", "term": "t5", "seconds": 4.0},
+        {"length": 8, "mode": "fwd", "implementation": "pallas", "term": "t5", "seconds": 1.0},
+        {"length": 8, "mode": "fwd", "implementation": "cudnn", "term": "alibi", "error": "OOM"},
+    ]
+    for row in rows:
+        row.update(
+            {"tflops": 1.0, "temp_bytes": 2**20, "peak_bytes_in_use": None}
+            if "seconds" in row
+            else {}
+        )
+    rows = gpu_attention.add_ratios(rows, "cudnn")
+    assert rows[2]["vs_reference"] == 0.5 and rows[2]["vs_blockwise"] == 0.25
+    table = gpu_attention.markdown(rows, "test device", "cudnn")
+    assert "| 8 | fwd | pallas | t5 | 1000.000 | 1.00 | 0.50 | 0.25 | 1.0 | - |" in table
+    assert "OOM" in table
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_writes_its_reports(tmp_path):
+    from benchmarks import gpu_attention
+
+    assert gpu_attention.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "gpu_attention.json").exists() and (tmp_path / "gpu_attention.md").exists()
