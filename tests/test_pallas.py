@@ -189,18 +189,30 @@ def _lowers_for_cuda(fn, *args):
     assert "triton" in text.lower() or "__gpu$xla.gpu.triton" in text
 
 
-@pytest.mark.parametrize("kind", ["alibi_causal", "rope_alibi_segments"])
+def _t5_lookup(table):
+    """T5 written as a table lookup (a gather) over `t5_relative_position_bucket` (a
+    compare-sum over 7 bucket starts, a size the Triton lowering cannot hold whole)."""
+
+    def bias_fn(q_positions, k_positions):
+        buckets = pe.t5_relative_position_bucket(k_positions[:, None] - q_positions[:, :, None])
+        return jnp.swapaxes(jnp.take(table.T, buckets, axis=1, mode="clip"), 0, 1)
+
+    return bias_fn
+
+
+@pytest.mark.parametrize("kind", ["alibi_causal", "rope_alibi_segments", "t5_lookup"])
 def test_kernels_lower_to_triton_for_cuda_forward_and_backward(kind):
     q, k, v = _qkv(1, 128, 128, 4, 2, 64, dtype=jnp.bfloat16)
     slopes = pe.alibi_slopes(4)
     kwargs = {"causal": True, "block_size": 32}
+    bias_fn = _t5_lookup(_normal(9, (32, 4))) if kind == "t5_lookup" else None
     if kind == "rope_alibi_segments":
         kwargs["segment_ids"] = np.array([[0] * 50 + [1] * 78], np.int32)
         kwargs["rope_frequencies"] = 10000.0 ** (-np.arange(0, 64, 2) / 64)
 
     def loss(q, k, v):
         out = pe.dot_product_attention(
-            q, k, v, bias_fn=lambda qp, kp: pe.alibi_bias(qp, kp, slopes),
+            q, k, v, bias_fn=bias_fn or (lambda qp, kp: pe.alibi_bias(qp, kp, slopes)),
             implementation="pallas", **kwargs,
         )  # fmt: skip
         return out.astype(jnp.float32).sum()

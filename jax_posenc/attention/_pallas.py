@@ -405,6 +405,82 @@ def _apply(eqn, values):
     return _bind(eqn, values)
 
 
+class _Split:
+    """An integer array held as pieces of size 1 along `axis`.
+
+    The Triton lowering only takes arrays whose sizes are powers of two; an integer
+    table of another size (T5's 7 bucket boundaries) is loaded piece by piece and every
+    operation on it runs per piece until a reduction over that axis merges them.
+    """
+
+    def __init__(self, axis: int, pieces: Sequence[jax.Array]):
+        self.axis, self.pieces = axis, list(pieces)
+
+    @property
+    def dtype(self):
+        return self.pieces[0].dtype
+
+    def merged(self) -> jax.Array:
+        """The whole array (a concatenation: interpret mode only, Triton has none)."""
+        return jnp.concatenate(self.pieces, axis=self.axis)
+
+
+_COMBINE = {"reduce_sum": jnp.add, "reduce_max": jnp.maximum, "reduce_min": jnp.minimum}
+
+
+def _piece_of(value, axis: int, index: int, count: int):
+    """Piece `index` of an operand next to split ones (broadcast along `axis` or split)."""
+    if isinstance(value, _Split):
+        return value.pieces[index]
+    if jnp.ndim(value) == 0 or jnp.shape(value)[axis] == 1:
+        return value
+    if jnp.shape(value)[axis] == count and not isinstance(value, jax.core.Tracer):
+        return lax.slice_in_dim(jnp.asarray(value), index, index + 1, axis=axis)
+    raise _NotSeparable("a split operand next to a whole one")
+
+
+def _apply_split(eqn, values):
+    """Evaluates one equation with split operands; returns outputs (split or whole)."""
+    name, params = eqn.primitive.name, dict(eqn.params)
+    split = next(v for v in values if isinstance(v, _Split))
+    axis, count = split.axis, len(split.pieces)
+    if name in _ELEMENTWISE:
+        pieces = [
+            _bind(eqn, [_piece_of(v, axis, i, count) for v in values])[0] for i in range(count)
+        ]
+        return [_Split(axis, pieces)]
+    if name == "broadcast_in_dim" and isinstance(values[0], _Split):
+        out_axis = params["broadcast_dimensions"][axis]
+        shape = list(params["shape"])
+        shape[out_axis] = 1
+        params["shape"] = tuple(shape)
+        return [_Split(out_axis, [_bind(eqn, [p], params)[0] for p in split.pieces])]
+    if name == "transpose":
+        pieces = [_bind(eqn, [p])[0] for p in split.pieces]
+        return [_Split(tuple(params["permutation"]).index(axis), pieces)]
+    if name in _COMBINE:
+        reduced = [_bind(eqn, [p])[0] for p in split.pieces]
+        if axis in params["axes"]:
+            return [functools.reduce(_COMBINE[name], reduced)]
+        return [_Split(axis - sum(d < axis for d in params["axes"]), reduced)]
+    merged = [v.merged() if isinstance(v, _Split) else v for v in values]
+    return _apply(eqn, merged)
+
+
+def _split_load(ref, shape: tuple[int, ...]):
+    """Loads an integer constant whole, or piece by piece along its one axis whose size
+    is not a power of two (see `_Split`)."""
+    odd = [axis for axis, size in enumerate(shape) if size & (size - 1)]
+    if len(odd) != 1 or not jnp.issubdtype(ref.dtype, jnp.integer):
+        return ref[...].reshape(shape)
+    (axis,) = odd
+    pieces = []
+    for index in range(shape[axis]):
+        at = tuple(pl.ds(index, 1) if d == axis else slice(None) for d in range(len(shape)))
+        pieces.append(ref[at])
+    return _Split(axis, pieces)
+
+
 def _evaluate(jaxpr, consts, const_axes, args, arg_axes):
     """Evaluates `jaxpr`; values with an axis in `*_axes` hold one head at size 1 there.
 
@@ -424,6 +500,13 @@ def _evaluate(jaxpr, consts, const_axes, args, arg_axes):
         env[var] = (value, axis)
     for eqn in jaxpr.eqns:
         values, axes = zip(*map(read, eqn.invars), strict=True) if eqn.invars else ((), ())
+        if any(isinstance(v, _Split) for v in values):
+            if all(a is None for a in axes):
+                outs = _apply_split(eqn, list(values))
+                for var, value in zip(eqn.outvars, outs, strict=True):
+                    env[var] = (value, None)
+                continue
+            values = tuple(v.merged() if isinstance(v, _Split) else v for v in values)
         if any(a is not None for a in axes):
             outs, out_axes = _apply_sliced(eqn, list(values), list(axes))
         else:
@@ -432,7 +515,8 @@ def _evaluate(jaxpr, consts, const_axes, args, arg_axes):
         for var, value, axis in zip(eqn.outvars, outs, out_axes, strict=True):
             env[var] = (value, axis)
     outs = [read(var) for var in jaxpr.outvars]
-    return [value for value, _ in outs], [axis for _, axis in outs]
+    values = [value.merged() if isinstance(value, _Split) else value for value, _ in outs]
+    return values, [axis for _, axis in outs]
 
 
 class _Bias(NamedTuple):
@@ -536,7 +620,7 @@ def _load_consts(bias: _Bias | None, refs) -> list[jax.Array]:
     if bias is None:
         return []
     return [
-        ref[...].reshape(shape) if axis is None else ref[...]
+        _split_load(ref, shape) if axis is None else ref[...]
         for ref, shape, axis in zip(refs, bias.const_shapes, bias.head_axes, strict=True)
     ]
 
