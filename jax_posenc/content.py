@@ -452,8 +452,13 @@ def cope_position_logits(q: jax.Array, positions: jax.Array, embeddings: jax.Arr
     positions = jnp.broadcast_to(positions.astype(_F32), shape)
     floor = jnp.floor(positions)
     weight = positions - floor
-    lower = jnp.take_along_axis(fixed, floor.astype(jnp.int32), axis=3)
-    upper = jnp.take_along_axis(fixed, jnp.ceil(positions).astype(jnp.int32), axis=3)
+    # Gathers from the flattened products: their gradient (a scatter-add) is about 8x
+    # faster on CPU than that of a 4-D `take_along_axis`.
+    rows = jnp.arange(batch * heads * q_len, dtype=jnp.int32).reshape(batch, heads, q_len, 1)
+    flat = fixed.reshape(-1)
+    offsets = rows * fixed.shape[3]
+    lower = flat[offsets + floor.astype(jnp.int32)]
+    upper = flat[offsets + jnp.ceil(positions).astype(jnp.int32)]
     return (1.0 - weight) * lower + weight * upper
 
 
