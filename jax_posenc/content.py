@@ -446,6 +446,12 @@ def cope_position_logits(q: jax.Array, positions: jax.Array, embeddings: jax.Arr
             f"embeddings must have shape [H or 1, num_positions, D] = [{heads} or 1, n, {dim}] "
             f"for q {list(q.shape)}, got {list(embeddings.shape)}"
         )
+    if batch * heads * q_len * embeddings.shape[1] >= 2**31:
+        raise ValueError(
+            f"CoPE's products q . e[n] [B, H, Lq, num_positions] = "
+            f"[{batch}, {heads}, {q_len}, {embeddings.shape[1]}] must have fewer than 2^31 "
+            "entries (they are indexed with int32); use fewer positions or a smaller batch"
+        )
     table = jnp.broadcast_to(embeddings, (heads, *embeddings.shape[1:])).astype(q.dtype)
     fixed = jnp.einsum("bqhd,hnd->bhqn", q, table, preferred_element_type=_F32)
     shape = (batch, heads, q_len, positions.shape[3])

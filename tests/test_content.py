@@ -754,3 +754,18 @@ def test_cope_decodes_through_flax_s_cache():
         lambda path, p: 0 * p if "embeddings" in jax.tree_util.keystr(path) else p, params
     )
     assert float(jnp.abs(full_pass(without) - full).max()) > 1e-3
+
+
+def test_cope_arguments_are_checked():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(
+        ValueError, match=r"embeddings must have shape \[H or 1, num_positions, D\]"
+    ):
+        pe.cope_position_logits(q, jnp.zeros((1, 2, 4, 4)), jnp.zeros((3, 5, 8)))
+    with pytest.raises(ValueError, match="num_positions must be a positive integer"):
+        pe.cope_positions(jnp.zeros((1, 2, 4, 4)), num_positions=0)
+    big = jax.ShapeDtypeStruct((64, 1024, 32, 8), jnp.float32)
+    positions = jax.ShapeDtypeStruct((64, 32, 1024, 4), jnp.float32)
+    table = jax.ShapeDtypeStruct((1, 1025, 8), jnp.float32)
+    with pytest.raises(ValueError, match="fewer than 2\\^31 entries"):
+        jax.eval_shape(pe.cope_position_logits, big, positions, table)
