@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jax_posenc import _checks
 from jax_posenc._protocols import BiasFn
@@ -97,6 +98,86 @@ def _inverse_softplus(value: np.ndarray) -> np.ndarray:
     """x such that softplus(x) = value > 0, in float64."""
     value = np.asarray(value, dtype=np.float64)
     return value + np.log(-np.expm1(-value))
+
+
+# Distances up to this size from one block to another keep `offset + index` in int32.
+_TOEPLITZ_MAX_OFFSET = 1 << 30
+
+
+def _toeplitz(diagonals: jax.Array, q_len: int, k_len: int) -> jax.Array:
+    """`[H, q_len + k_len - 1]` values per diagonal -> `[H, q_len, k_len]` tile with
+    `tile[h, i, j] = diagonals[h, q_len - 1 - i + j]`.
+
+    Rows of `q_len` copies of the diagonals, flattened and read back with a row stride
+    one shorter, shift by one entry per row: reshapes and slices, no gather.
+    """
+    heads, width = diagonals.shape
+    if q_len == 1:
+        return diagonals[:, None, :]
+    rows = jnp.broadcast_to(diagonals[:, None, :], (heads, q_len, width))
+    flat = rows.reshape(heads, q_len * width)[:, q_len - 1 : q_len - 1 + q_len * (width - 1)]
+    return flat.reshape(heads, q_len, width - 1)[:, :, :k_len]
+
+
+def _distance_bias(
+    of_distance: Callable[[jax.Array], jax.Array],
+    num_heads: int,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    constant_key: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """A bias that depends only on `k_pos - q_pos`, with shortcuts that stay exact.
+
+    `of_distance` maps int32 distances `[...]` to float32 `[H, ...]`. The block is
+    evaluated, whichever is the cheapest that applies (a `lax.switch` per call, so per
+    block inside blockwise attention):
+
+    * constant: `constant_key(d)` (monotone in `d` on each side of 0, e.g. T5's
+      bucket) is the same at the smallest and the largest distance of the block, so
+      the whole block has the bias of one distance (T5 blocks beyond `max_distance`);
+    * Toeplitz: every row of both position arrays is the same contiguous run (arange
+      plus an offset, the usual case), so the block takes `bq + bk - 1` distinct
+      distances: `of_distance` on those and `_toeplitz` lays them out;
+    * general: `of_distance` on every entry (explicit positions, packed segments that
+      restart positions, any other layout).
+
+    All three compute `of_distance` on the same int32 distances, so they agree exactly.
+    """
+    q_positions, k_positions = _checks.check_position_pair(q_positions, k_positions)
+    batch = max(q_positions.shape[0], k_positions.shape[0])
+    q_len, k_len = q_positions.shape[1], k_positions.shape[1]
+    shape = (batch, num_heads, q_len, k_len)
+
+    def general():
+        values = of_distance(_distances(q_positions, k_positions))  # [H, B, bq, bk]
+        return jnp.broadcast_to(jnp.swapaxes(values, 0, 1), shape)
+
+    if q_len == 0 or k_len == 0:
+        return general()
+    q_first, k_first = q_positions[0, 0], k_positions[0, 0]
+    offset = _checks.saturating_difference(k_first, q_first)
+    contiguous = (
+        jnp.all(q_positions == q_first + jnp.arange(q_len, dtype=jnp.int32))
+        & jnp.all(k_positions == k_first + jnp.arange(k_len, dtype=jnp.int32))
+        & (jnp.abs(offset) < _TOEPLITZ_MAX_OFFSET)
+    )
+
+    def toeplitz():
+        diagonals = offset - (q_len - 1) + jnp.arange(q_len + k_len - 1, dtype=jnp.int32)
+        tile = _toeplitz(of_distance(diagonals), q_len, k_len)
+        return jnp.broadcast_to(tile[None], shape)
+
+    if constant_key is None:
+        return lax.cond(contiguous, toeplitz, general)
+    nearest = _checks.saturating_difference(k_positions.min(), q_positions.max())
+    farthest = _checks.saturating_difference(k_positions.max(), q_positions.min())
+
+    def constant():
+        return jnp.broadcast_to(of_distance(nearest)[None, :, None, None], shape)
+
+    same = constant_key(nearest) == constant_key(farthest)
+    branch = jnp.where(same, 0, jnp.where(contiguous, 1, 2))
+    return lax.switch(branch, (constant, toeplitz, general))
 
 
 # --------------------------------------------------------------------------- ALiBi
@@ -338,17 +419,22 @@ def t5_bias(
     """
     table = _checks.check_floating_array("table", table)
     _checks.check_rank("table", table, 2)
-    buckets = t5_relative_position_bucket(
-        _distances(q_positions, k_positions),
+    bucket = functools.partial(
+        t5_relative_position_bucket,
         bidirectional=bidirectional,
         num_buckets=table.shape[0],
         max_distance=max_distance,
     )
-    # Gather from the [H, num_buckets] table straight into [H, B, bq, bk] (heads first,
-    # no transpose of the result); buckets are in range by construction, so "clip" skips
-    # the out-of-bounds fill and its select (1.3x faster blockwise T5 on CPU).
-    per_head = jnp.take(table.astype(jnp.float32).T, buckets, axis=1, mode="clip")
-    return jnp.swapaxes(per_head, 0, 1)
+    per_head = table.astype(jnp.float32).T  # [H, num_buckets]
+
+    def of_distance(distance):
+        # Gather from the [H, num_buckets] table straight into heads-first layout; buckets
+        # are in range by construction, so "clip" skips the out-of-bounds fill.
+        return jnp.take(per_head, bucket(distance), axis=1, mode="clip")
+
+    # The bucket is monotone in the distance on each side of 0 and the two sides never
+    # share one, so equal buckets at both ends of a block make the whole block constant.
+    return _distance_bias(of_distance, table.shape[1], q_positions, k_positions, bucket)
 
 
 def t5_bias_init(stddev: float = 0.02) -> nn.initializers.Initializer:

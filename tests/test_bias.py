@@ -170,6 +170,54 @@ def test_t5_causal_mode_allows_two_buckets():
     np.testing.assert_array_equal(np.asarray(got), [0, 0, 1, 1])
 
 
+# Blocks that take each path of `bias._distance_bias`: contiguous (Toeplitz), far apart
+# (constant T5 bucket), and layouts that must fall back to the general path.
+_BLOCK_LAYOUTS = {
+    "contiguous": (np.arange(5, 17)[None], np.arange(0, 9)[None]),
+    "contiguous_single_query": (np.array([[300]]), np.arange(280, 310)[None]),
+    "far_apart": (1000 + np.arange(6)[None], np.arange(10)[None]),
+    "far_ahead": (np.arange(6)[None], 700 + np.arange(10)[None]),
+    "straddles_max_distance": (np.arange(120, 140)[None], np.arange(0, 12)[None]),
+    "gap_in_queries": (np.array([[3, 4, 9, 10]]), np.arange(12)[None]),
+    "rows_with_other_offsets": (np.stack([np.arange(4), 50 + np.arange(4)]), np.arange(8)[None]),
+    "rows_alike": (np.stack([np.arange(4), np.arange(4)]), np.arange(8)[None]),
+    "near_int32_limits": (
+        np.array([[2**31 - 3, 2**31 - 2, 2**31 - 1]]),
+        np.array([[-(2**31), -(2**31) + 1]]),
+    ),
+}
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_t5_bias_takes_the_table_row_of_each_bucket_on_every_block_layout(bidirectional):
+    table = _normal(7, (32, H))
+    bias_fn = jax.jit(functools.partial(pe.t5_bias, bidirectional=bidirectional))
+    grad_fn = jax.jit(
+        jax.grad(
+            lambda table, q, k, w: jnp.sum(pe.t5_bias(table, q, k, bidirectional=bidirectional) * w)
+        )
+    )
+    for name, (q_positions, k_positions) in _BLOCK_LAYOUTS.items():
+        relative = k_positions.astype(np.int64)[:, None, :] - q_positions[:, :, None]
+        buckets = t5_bucket_reference(
+            np.clip(relative, -(2**31) + 1, 2**31 - 1),
+            bidirectional=bidirectional,
+            num_buckets=32,
+            max_distance=128,
+        )
+        expected = np.moveaxis(np.asarray(table)[buckets], -1, 1)
+        q, k = q_positions.astype(np.int32), k_positions.astype(np.int32)
+        np.testing.assert_array_equal(np.asarray(bias_fn(table, q, k)), expected, err_msg=name)
+        # the gradient of sum(bias * w) sums w over the entries of each bucket
+        weights = _normal(8, expected.shape)
+        expected_grad = np.zeros((32, H))
+        for head in range(H):
+            np.add.at(expected_grad[:, head], buckets, np.asarray(weights)[:, head])
+        np.testing.assert_allclose(
+            np.asarray(grad_fn(table, q, k, weights)), expected_grad, atol=1e-5, err_msg=name
+        )
+
+
 # --------------------------------------------------------------------------- ALiBi
 
 
