@@ -70,6 +70,7 @@ _ROLE_FAMILIES = {
     "logit_bias": "bias",
     "relative_terms": "relative",
     "token_bias": "content",
+    "contextual_bias": "content",
 }
 _LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
 _MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -675,6 +676,50 @@ def _plot_token_bias(encoding, path, sizes, trained) -> Path:
     return _save(figure, path)
 
 
+def _plot_contextual(encoding, path, sizes, trained) -> Path:
+    """CoPE: contextual positions and the logit term against distance, for one random
+    query and its keys, per head."""
+    module = _module(encoding, "contextual_bias", sizes)
+    shape = (1, sizes.length, sizes.heads, sizes.head_dim)
+    q = jax.random.normal(jax.random.key(1), shape)
+    k = jax.random.normal(jax.random.key(2), shape)
+    variables = _variables(module, trained, "contextual_bias", q, k)
+    scale = 1.0 / math.sqrt(sizes.head_dim)
+    gate_logits = scale * jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    causal = jnp.tril(jnp.ones((sizes.length, sizes.length), bool))
+    positions = content.cope_positions(gate_logits, causal, num_positions=module.num_positions)
+    term = module.apply(variables, q, k)
+    # The last query's row, nearest key first.
+    seen = np.asarray(positions)[0, :, -1, ::-1]
+    added = np.asarray(term)[0, :, -1, ::-1]
+    distance = np.arange(sizes.length)
+    figure = _figure(figsize=(11.0, 4.6))
+    left, right = figure.subplots(1, 2)
+    clipped = np.minimum(distance + 1, module.num_positions - 1)
+    left.plot(distance, clipped, color="lightgrey", linewidth=2, label="every gate open")
+    for head, colour in enumerate(_head_colours(sizes.heads)):
+        left.plot(distance, seen[head], color=colour, label=f"head {head}")
+        right.plot(distance, added[head], color=colour, label=f"head {head}")
+    for axes, label in (
+        (left, "contextual position p (sum of gates)"),
+        (right, "logit term scale * q . e(p)"),
+    ):
+        _mark_training_length(axes, sizes.train_len)
+        axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+        axes.set_ylabel(label, fontsize=_FONT)
+        axes.legend(fontsize=_FONT - 1)
+        axes.grid(alpha=0.3)
+        axes.tick_params(labelsize=_FONT)
+    figure.suptitle(
+        f"{encoding}: {registry.get_encoding(encoding).description}\n"
+        f"one random query and keys (N(0, 1) features), gates sigmoid(q . k / sqrt(D)); "
+        f"table of {module.num_positions} positions; "
+        f"{_caption(trained, bool(jax.tree.leaves(variables)))}",
+        fontsize=_FONT,
+    )
+    return _save(figure, path)
+
+
 def _plot_unknown(encoding, path, sizes, trained) -> Path:
     """An encoding whose role the gallery has no picture for: its description."""
     entry = registry.get_encoding(encoding)
@@ -742,6 +787,7 @@ _BY_ROLE = {
     "relative_terms": _plot_relative,
     "input_embedding": _plot_input_embedding,
     "token_bias": _plot_token_bias,
+    "contextual_bias": _plot_contextual,
 }
 
 

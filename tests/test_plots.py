@@ -23,8 +23,12 @@ def trained_study(tmp_path_factory):
 
 
 def test_gallery_draws_every_registered_encoding_with_the_studys_parameters(
-    tmp_path, trained_study
+    tmp_path, trained_study, monkeypatch
 ):
+    def no_picture(encoding, *args):
+        raise AssertionError(f"the gallery has no picture for {encoding!r}")
+
+    monkeypatch.setattr(plots, "_plot_unknown", no_picture)
     paths = plots.gallery(tmp_path, study_dir=trained_study)
     names = {path.name for path in paths}
     assert names == {f"{name}.png" for name in registry.available_encodings()} | {
