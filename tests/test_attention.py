@@ -481,10 +481,15 @@ def _attention_parts(name):
     return set(pe.get_encoding(name).contributes) - {"input_embedding"}
 
 
+# Every encoding with an attention part, for the blockwise = xla comparisons. CoPE is
+# left out: attention runs it on the xla path only and refuses blockwise (its positions
+# sum gates over whole rows; test_content.py checks it against its float64 reference).
 ATTENTION_ENCODINGS = tuple(
     name
     for name in pe.available_encodings()
-    if _attention_parts(name) and not pe.get_encoding(name).input_embedding
+    if _attention_parts(name)
+    and not pe.get_encoding(name).input_embedding
+    and pe.get_encoding(name).contextual_bias is None
 )
 
 
