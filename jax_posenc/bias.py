@@ -54,11 +54,6 @@ def _distances(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     return _checks.saturating_difference(k_positions[:, None, :], q_positions[:, :, None])
 
 
-def _heads_first(values: jax.Array) -> jax.Array:
-    """`[B, bq, bk, H]` -> `[B, H, bq, bk]`."""
-    return jnp.moveaxis(values, -1, 1)
-
-
 def _check_positive_if_concrete(name: str, value: jax.Array, upper: float | None = None):
     """Raises ValueError for known (not traced) values outside (0, upper]."""
     if not _checks.is_concrete(value):
@@ -507,13 +502,19 @@ def kerple_bias(
     r2 = _check_head_vector("r2", r2, r1.shape[0])
     _check_positive_if_concrete("r1", r1)
     _check_positive_if_concrete("r2", r2, 2.0 if variant == "power" else None)
-    distance = jnp.abs(_distances(q_positions, k_positions)).astype(jnp.float32)[:, None]
-    r1, r2 = r1[None, :, None, None], r2[None, :, None, None]
-    if variant == "log":
-        return -r1 * jnp.log1p(r2 * distance)
-    # d^r2 = exp(r2 log d) with a safe log at d = 0, where d^r2 = 0 and so is its gradient.
-    power = jnp.exp(r2 * jnp.log(jnp.maximum(distance, 1.0)))
-    return -r1 * jnp.where(distance > 0, power, 0.0)
+
+    def of_distance(distance):
+        distance = jnp.abs(distance).astype(jnp.float32)
+        per_head = (-1, *[1] * distance.ndim)
+        scale, exponent = r1.reshape(per_head), r2.reshape(per_head)
+        if variant == "log":
+            return -scale * jnp.log1p(exponent * distance)
+        # d^r2 = exp(r2 log d) with a safe log at d = 0, where d^r2 = 0 and its gradient too.
+        power = jnp.exp(exponent * jnp.log(jnp.maximum(distance, 1.0)))
+        return -scale * jnp.where(distance > 0, power, 0.0)
+
+    # A log (and an exp) per entry and head cost more than laying out bq + bk - 1 values.
+    return _distance_bias(of_distance, r1.shape[0], q_positions, k_positions)
 
 
 def kerple_constrain(
@@ -602,14 +603,25 @@ mlp_kernel_init = nn.initializers.lecun_normal()
 mlp_bias_init = nn.initializers.zeros_init()
 
 
-def _mlp(features: jax.Array, layers: MlpLayers, activation: Callable) -> jax.Array:
-    """Applies `(kernel_i, bias_i)` layers to scalar `features` `[...]`; returns `[..., H]`."""
+def _mlp(
+    features: jax.Array, layers: MlpLayers, activation: Callable, *, heads_first: bool = False
+) -> jax.Array:
+    """Applies `(kernel_i, bias_i)` layers to scalar `features` `[...]`.
+
+    Returns `[..., H]`, or `[H, ...]` with `heads_first`: the last product then comes out
+    heads first (the layout of attention's logits) with no transpose of the result.
+    """
     hidden = features[..., None]
-    for index, (kernel, bias) in enumerate(layers):
+    for index, (kernel, bias) in enumerate(layers[:-1]):
         if index:
             hidden = activation(hidden)
         hidden = hidden @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
-    return hidden
+    if len(layers) > 1:
+        hidden = activation(hidden)
+    kernel, bias = (x.astype(jnp.float32) for x in layers[-1])
+    if not heads_first:
+        return hidden @ kernel + bias
+    return jnp.einsum("kh,...k->h...", kernel, hidden) + bias.reshape(-1, *[1] * features.ndim)
 
 
 def _check_mlp_layers(layers: MlpLayers) -> tuple[tuple[jax.Array, jax.Array], ...]:
@@ -679,7 +691,7 @@ def fire_bias(
     c = jnp.asarray(c, jnp.float32)
     query = q_positions.astype(jnp.float32)[:, :, None]
     normaliser = jnp.log1p(c * jnp.maximum(jnp.asarray(threshold, jnp.float32), query))
-    return _heads_first(_mlp(jnp.log1p(c * distance) / normaliser, layers, jax.nn.relu))
+    return jnp.moveaxis(_mlp(jnp.log1p(c * distance) / normaliser, layers, jax.nn.relu), -1, 1)
 
 
 def fire_initial_parameters(init_c: float, init_threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -757,13 +769,17 @@ def dynamic_position_bias(
       `[B or 1, H, bq, bk]` float32.
     """
     layers = _check_mlp_layers(layers)
-    distance = _distances(q_positions, k_positions)
-    if absolute:
-        distance = jnp.abs(distance)
-    features = distance.astype(jnp.float32)
-    if log_distance:
-        features = jnp.sign(features) * jnp.log1p(jnp.abs(features))
-    return _heads_first(_mlp(features, layers, jax.nn.silu))
+
+    def of_distance(distance):
+        if absolute:
+            distance = jnp.abs(distance)
+        features = distance.astype(jnp.float32)
+        if log_distance:
+            features = jnp.sign(features) * jnp.log1p(jnp.abs(features))
+        return _mlp(features, layers, jax.nn.silu, heads_first=True)
+
+    # An MLP per entry costs far more than laying out bq + bk - 1 values per block.
+    return _distance_bias(of_distance, layers[-1][0].shape[1], q_positions, k_positions)
 
 
 class DynamicPositionBias(nn.Module):
