@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", metavar="REGEX", help="run only cases whose name matches")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--repeats", type=int, help="timed samples per function")
+    parser.add_argument(
+        "--min-repeats",
+        type=int,
+        help="samples kept even when a case runs past its time budget (default 3)",
+    )
     parser.add_argument("--warmup", type=int, help="warm-up calls after compiling")
     parser.add_argument(
         "--peak-bandwidth", type=float, metavar="GB_PER_S", help="device peak for '%% of peak'"
@@ -76,6 +81,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = runner.Settings.for_mode(
             mode,
             repeats=args.repeats,
+            min_repeats=args.min_repeats,
             warmup=args.warmup,
             peak_bandwidth=args.peak_bandwidth * 1e9 if args.peak_bandwidth else None,
         )

@@ -90,13 +90,15 @@ GROUPS = {
         "forward (`fwd`) and forward + backward (`fwd+bwd`, gradients for q, k, v), torch "
         "pinned to as many threads as JAX's CPU client uses (OpenMP waiting passively). "
         "Rows `torch/<term>/<pass>/D<head_dim>/<L>` are the library's default path: "
-        "`dot_product_attention("
-        "implementation='blockwise')` with the ALiBi or causal T5 (32 buckets, max "
-        "distance 128) `bias_fn`, or without one (`causal`), and `apply_rope_qk` (`rope`, "
-        "q and k `[1, L, H, D]`). `÷ flex`: compiled FlexAttention with a causal block mask "
-        "and the term as `score_mod` (forward only: FlexAttention has no backward on the "
-        "CPU); `÷ sdpa+bias`: SDPA with the ALiBi or T5 bias and the causal mask "
-        f"materialized once as `[1, H, L, L]` (L <= {SDPA_BIAS_MAX_LENGTH}); "
+        "`dot_product_attention(q, k, v, bias_fn=..., causal=True)` (implementation "
+        "'auto', default block sizes and positions) with the ALiBi or causal T5 (32 "
+        "buckets, max distance 128) `bias_fn`, or without one (`causal`), and "
+        "`apply_rope_qk` (`rope`, q and k `[1, L, H, D]`). `÷ flex`: compiled "
+        "FlexAttention with a causal block mask and the term as `score_mod` (forward only: "
+        "torch 2.x has no FlexAttention backward on the CPU); `÷ sdpa+bias`: SDPA with the "
+        "ALiBi or T5 bias and the causal mask materialized once as `[1, H, L, L]` "
+        f"(L <= {SDPA_BIAS_MAX_LENGTH}; the fwd+bwd baseline); `÷ no bias`: the library's "
+        "own causal attention without a bias; "
         "`÷ sdpa`: SDPA's causal path; `÷ hf` / `÷ hf compiled`: Hugging Face's RoPE "
         "formula (cos/sin per call, `rotate_half`), eager and `torch.compile`d. Ratios "
         "below 1 mean the library is faster. The torch rows' compile time is their first "
@@ -490,11 +492,12 @@ def _t5_settings(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return table, np.asarray(buckets)
 
 
-def _blockwise_with(bias_fn):
+def _default_with(bias_fn):
+    """Causal `dot_product_attention` as a user calls it: implementation "auto", default
+    block sizes, default positions."""
+
     def attend(q, k, v):
-        return pe.dot_product_attention(
-            q, k, v, bias_fn=bias_fn, causal=True, implementation="blockwise"
-        )
+        return pe.dot_product_attention(q, k, v, bias_fn=bias_fn, causal=True)
 
     return attend
 
@@ -534,15 +537,31 @@ def _torch_attention_cases(pass_name: str, head_dim: int, length: int) -> list[C
         bias_fn = functools.partial(
             pe.t5_bias, table, bidirectional=False, max_distance=T5_MAX_DISTANCE
         )
-        return _blockwise_with(bias_fn)(q, k, v)
+        return _default_with(bias_fn)(q, k, v)
+
+    def no_bias():
+        """The library's own causal attention without a bias, timed alongside."""
+        forward = _default_with(None)
+
+        def make_args():
+            return tuple(jnp.asarray(a) for a in qkv())
+
+        return "no bias", Case(
+            name=f"torch/causal/{suffix}/no-bias",
+            group="torch",
+            fn=with_backward(forward, argnums=(0, 1, 2)) if backward else forward,
+            make_args=make_args,
+        )
 
     def references(term, score_mod, causal_bias):
-        """FlexAttention (forward only: it has no CPU backward) and SDPA + bias."""
+        """FlexAttention (forward only: it has no CPU backward), SDPA + bias, and the
+        library without the bias."""
         refs = []
         if not backward:
             refs.append(baseline(term, "flex", lambda b: [b.flex(length, score_mod(b))]))
         if length <= SDPA_BIAS_MAX_LENGTH:
             refs.append(baseline(term, "sdpa+bias", lambda b: [b.sdpa_with_bias(causal_bias(b))]))
+        refs.append(no_bias())
         return refs
 
     alibi_refs = references(
@@ -556,11 +575,11 @@ def _torch_attention_cases(pass_name: str, head_dim: int, length: int) -> list[C
         lambda b: b.t5_causal_bias(table, buckets, length),
     )
     sdpa = [baseline("causal", "sdpa", lambda b: [b.sdpa_causal])]
-    alibi = _blockwise_with(functools.partial(pe.alibi_bias, slopes=slopes))
+    alibi = _default_with(functools.partial(pe.alibi_bias, slopes=slopes))
     return [
         library("alibi", alibi, alibi_refs),
         library("t5", t5, t5_refs, table=table),
-        library("causal", _blockwise_attention, sdpa),
+        library("causal", _default_with(None), sdpa),
     ]
 
 

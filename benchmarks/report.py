@@ -160,8 +160,9 @@ def _provenance(document: Mapping[str, Any]) -> str:
 def markdown_report(document: Mapping[str, Any]) -> str:
     """The full results file in markdown: provenance, notes, every table."""
     lines = [f"# jax_posenc benchmarks ({document['mode']})", "", _provenance(document), ""]
-    if document.get("notes"):
-        lines += [*(f"- {note}" for note in document["notes"]), ""]
+    notes = [*document.get("notes", []), *_load_note(document)]
+    if notes:
+        lines += [*(f"- {note}" for note in notes), ""]
     return "\n".join(lines) + "\n" + markdown_tables(document)
 
 
@@ -184,9 +185,18 @@ def performance_section(document: Mapping[str, Any]) -> str:
         "XLA attention. Memory is the compiled program's temporaries / total in MiB.",
         "",
     ]
-    if document.get("notes"):
-        lines += [*(f"- {note}" for note in document["notes"]), ""]
+    notes = [*document.get("notes", []), *_load_note(document)]
+    if notes:
+        lines += [*(f"- {note}" for note in notes), ""]
     return "\n".join(lines) + "\n" + markdown_tables(document, compact=True, level=3)
+
+
+def _load_note(document: Mapping[str, Any]) -> list[str]:
+    """The range of the host's load average over the run, when recorded."""
+    loads = [r["load_average"] for r in document["results"] if r.get("load_average") is not None]
+    if not loads:
+        return []
+    return [f"Host 1-minute load average after each case: {min(loads):.1f}-{max(loads):.1f}."]
 
 
 def _plain(value: float, _position: Any = None) -> str:

@@ -183,6 +183,15 @@ def peak_bandwidth(device_kind: str) -> float | None:
     return None
 
 
+def load_average() -> float | None:
+    """The host's 1-minute load average after a case (None where the OS has none): on a
+    shared machine it says how much the other processes competed for the cores."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(settings: Settings | None = None) -> dict[str, Any]:
     """JAX, backend, device and host facts recorded with every results file."""
     device = jax.devices()[0]
@@ -525,6 +534,7 @@ def run_suite(
     listed = set()
     for index, case in enumerate(cases, 1):
         record = measure(case, settings, peak=peak)
+        record["load_average"] = load_average()
         elapsed = time.perf_counter() - start
         log(f"[{index}/{len(cases)}, {elapsed:.0f} s] {report.one_line(record)}")
         for entry in record["references"].values():

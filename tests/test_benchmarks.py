@@ -208,6 +208,9 @@ def test_outputs_are_json_markdown_and_plot(tmp_path):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     section = report.performance_section(document)
     assert section.startswith("## Performance") and env["machine"] in section
+    loads = [record["load_average"] for record in document["results"]]
+    low, high = min(loads), max(loads)  # recorded after every case (Linux has getloadavg)
+    assert f"load average after each case: {low:.1f}-{high:.1f}" in section
     assert report.latest_results(tmp_path) == paths["json"]
     (tmp_path / "bench-full.json").write_text(paths["json"].read_text())
     assert report.latest_results(tmp_path).name == "bench-full.json"
@@ -230,6 +233,7 @@ def test_command_lists_cases_and_regenerates_the_section(tmp_path, capsys):
         (["--only", "(rope"], "--only '(rope' is not a regular expression"),
         (["--list", "--only", "^no-such-case/"], "matches none of the"),
         (["--repeats", "0"], "repeats must be a positive integer"),
+        (["--repeats", "5", "--min-repeats", "7"], "repeats must be an integer >= 7"),
     ],
 )
 def test_command_refuses_to_run_nothing_and_writes_nothing(tmp_path, capsys, flags, message):
@@ -316,6 +320,7 @@ def test_repository_reference_scan_catches_each_form(tmp_path):
 def test_settings_for_mode_and_validation():
     assert Settings.for_mode("quick").repeats < Settings.for_mode("full").repeats
     assert Settings.for_mode("full", repeats=4, warmup=None).repeats == 4
+    assert Settings.for_mode("full", repeats=7, min_repeats=7).min_repeats == 7
     with pytest.raises(ValueError, match="mode"):
         Settings.for_mode("slow")
     with pytest.raises(ValueError, match="repeats"):
@@ -356,19 +361,21 @@ def test_torch_cases_pair_each_library_path_with_torch_without_importing_torch(m
     cases = {case.name: case for case in suite.torch_cases("quick")}
     assert ("torch" in sys.modules) == imported  # building the cases never imports torch
     labels = {name: [label for label, _ in case.references] for name, case in cases.items()}
-    assert labels["torch/alibi/fwd/D64/1024"] == ["flex", "sdpa+bias"]
-    assert labels["torch/t5/fwd/D128/1024"] == ["flex", "sdpa+bias"]
+    assert labels["torch/alibi/fwd/D64/1024"] == ["flex", "sdpa+bias", "no bias"]
+    assert labels["torch/t5/fwd/D128/1024"] == ["flex", "sdpa+bias", "no bias"]
     assert labels["torch/causal/fwd/D64/1024"] == ["sdpa"]
     assert labels["torch/rope/fwd/D64/1024"] == ["hf", "hf compiled"]
     # FlexAttention has no backward on the CPU; SDPA's bias is 2 GiB from L = 8k.
     full = {
         case.name: [label for label, _ in case.references] for case in suite.torch_cases("full")
     }
-    assert full["torch/t5/fwd+bwd/D64/2048"] == ["sdpa+bias"]
-    assert full["torch/alibi/fwd/D128/8192"] == ["flex"]
+    assert full["torch/t5/fwd+bwd/D64/2048"] == ["sdpa+bias", "no bias"]
+    assert full["torch/alibi/fwd/D128/8192"] == ["flex", "no bias"]
     for case in cases.values():
         assert case.framework == "jax" and case.group == "torch"
-        assert all(ref.framework == "torch" and ref.listed for _, ref in case.references)
+        for label, ref in case.references:
+            # torch's forms are rows of their own; the library's no-bias run is only a ratio
+            assert (ref.framework == "torch") == ref.listed == (label != "no bias")
 
 
 def test_non_jax_case_is_called_as_is_and_its_first_call_is_the_compile_time():
