@@ -430,8 +430,8 @@ def cope_position_logits(q: jax.Array, positions: jax.Array, embeddings: jax.Arr
 
     Args:
       q: `[B, Lq, H, D]` queries (attention passes them times the softmax scale).
-      positions: `[B or 1, H or 1, Lq, Lk]` contextual positions in
-        `[0, num_positions - 1]` (`cope_positions`).
+      positions: `[B or 1, H or 1, Lq, Lk]` contextual positions (`cope_positions`);
+        values outside `[0, num_positions - 1]` are clipped to it.
       embeddings: `[H or 1, num_positions, D]` position embeddings, one table per head or
         one shared by all heads.
     """
@@ -455,7 +455,8 @@ def cope_position_logits(q: jax.Array, positions: jax.Array, embeddings: jax.Arr
     table = jnp.broadcast_to(embeddings, (heads, *embeddings.shape[1:])).astype(q.dtype)
     fixed = jnp.einsum("bqhd,hnd->bhqn", q, table, preferred_element_type=_F32)
     shape = (batch, heads, q_len, positions.shape[3])
-    positions = jnp.broadcast_to(positions.astype(_F32), shape)
+    # Clipped again so that no position reads another row of the flattened products.
+    positions = jnp.clip(jnp.broadcast_to(positions.astype(_F32), shape), 0.0, fixed.shape[3] - 1)
     floor = jnp.floor(positions)
     weight = positions - floor
     # Gathers from the flattened products: their gradient (a scatter-add) is about 8x

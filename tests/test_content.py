@@ -653,15 +653,16 @@ def test_cope_positions_count_the_gates_between_key_and_query():
     )
 
 
-def test_cope_interpolates_the_query_embedding_products_linearly():
+def test_cope_interpolates_the_query_embedding_products_linearly_and_clips():
     q = _normal(76, (1, 1, 2, 8))
     embeddings = _normal(77, (2, 4, 8))
     products = np.einsum("hd,hnd->hn", np.asarray(q[0, 0], np.float64), embeddings)
-    positions = jnp.asarray([0.0, 1.0, 1.25, 2.5, 3.0])[None, None, None, :]
+    positions = jnp.asarray([0.0, 1.0, 1.25, 2.5, 3.0, 7.5, -1.0])[None, None, None, :]
     got = pe.cope_position_logits(q, positions, embeddings)[0, :, 0]
     want = np.stack(
         [products[:, 0], products[:, 1], 0.75 * products[:, 1] + 0.25 * products[:, 2],
-         0.5 * products[:, 2] + 0.5 * products[:, 3], products[:, 3]], axis=-1
+         0.5 * products[:, 2] + 0.5 * products[:, 3], products[:, 3], products[:, 3],
+         products[:, 0]], axis=-1
     )  # fmt: skip
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
