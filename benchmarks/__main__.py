@@ -44,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--section",
-        nargs="?",
-        const="",
+        nargs="*",
         metavar="RESULTS_JSON",
-        help="print the README 'Performance' section from a results file (default: the "
-        "latest in --out) and write it to <out>/performance.md; runs nothing",
+        help="print the README 'Performance' section from results files (default: the "
+        "latest in --out; several runs are merged in order) and write it to "
+        "<out>/performance.md; runs nothing",
     )
 
 
@@ -57,10 +57,27 @@ def _refuse(message: str) -> int:
     return 2
 
 
+def merge_results(documents: Sequence[dict]) -> dict:
+    """Several results documents as one: the results of each in order, their notes and
+    group descriptions once, the power-law fits refitted over all of them. The
+    environment, settings and date are the last run's."""
+    if not documents:
+        raise ValueError("merge_results needs at least one results document")
+    merged = dict(documents[-1])
+    merged["results"] = [record for document in documents for record in document["results"]]
+    merged["notes"] = list(dict.fromkeys(n for d in documents for n in d.get("notes", [])))
+    merged["groups"] = {k: v for d in documents for k, v in d.get("groups", {}).items()}
+    merged["wall_s"] = sum(document["wall_s"] for document in documents)
+    modes = {document["mode"] for document in documents}
+    merged["mode"] = modes.pop() if len(modes) == 1 else "full"
+    merged["fits"] = runner.fit_series(merged["results"])
+    return merged
+
+
 def _section(args: argparse.Namespace) -> int:
     try:
-        path = Path(args.section) if args.section else report.latest_results(args.out)
-        section = report.performance_section(_files.read_json(path))
+        paths = [Path(path) for path in args.section] or [report.latest_results(args.out)]
+        section = report.performance_section(merge_results([_files.read_json(p) for p in paths]))
     except (FileNotFoundError, ValueError) as error:
         return _refuse(str(error))
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -226,6 +226,18 @@ def test_command_lists_cases_and_regenerates_the_section(tmp_path, capsys):
     assert (tmp_path / "performance.md").read_text().startswith("## Performance")
 
 
+def test_section_merges_several_runs_in_order(tmp_path, capsys):
+    first, second = _toy_document(), _toy_document()
+    second["results"] = [dict(r, name=r["name"] + "-again") for r in second["results"]]
+    paths = []
+    for index, document in enumerate((first, second)):
+        paths.append(report.write_outputs(document, tmp_path / str(index))["json"])
+    assert bench_main(["--section", *map(str, paths), "--out", str(tmp_path)]) == 0
+    section = capsys.readouterr().out
+    assert section.index("| `double` |") < section.index("| `double-again` |")
+    assert section.count("A toy group.") == 1
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
