@@ -6,6 +6,15 @@ returns a float32 logit bias `[B or 1, H, bq, bk]`, so attention can evaluate it
 at a time. The relative distance is `k_pos - q_pos` (memory minus query). Distances are
 formed in int32 before any float conversion, so positions near 1e6 lose nothing.
 
+The biases that depend on the distance alone and cost more per entry than a copy (T5's
+table lookup, KERPLE's logarithm, the dynamic position bias's MLP) check each block at
+run time: a block of contiguous positions (arange plus an offset, the usual case) takes
+only `bq + bk - 1` distinct distances, which are evaluated once and laid out along the
+block's diagonals, and a T5 block whose distances all share one bucket is that bucket's
+value; other blocks are evaluated entry by entry. Every path computes the same function
+of the same int32 distances, so the values do not depend on the path. (Under `jax.vmap`
+the per-block choice becomes a select, which evaluates every path.)
+
 Each learned bias is a linen module whose `setup()` defines the parameters and which has
 two methods: `__call__(q_positions, k_positions)` materializes the bias, and `bias_fn()`
 returns a pure closure over the parameter arrays (what attention calls inside
