@@ -231,7 +231,7 @@ class StudyConfig:
         _checks.check_positive_float("learning_rate", self.learning_rate)
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        encodings = tuple(self.encodings) or default_encodings()
+        encodings = tuple(self.encodings) or default_encodings(self.attention)
         for name in encodings:
             registry.resolve(name)
         if len(set(encodings)) != len(encodings):
@@ -410,10 +410,16 @@ class StudyConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def default_encodings() -> tuple[str, ...]:
+def default_encodings(attention: str = "xla") -> tuple[str, ...]:
     """The encodings a study trains when none are named: every registered one except
-    `NOT_IN_DEFAULT`."""
-    return tuple(n for n in registry.available_encodings() if n not in NOT_IN_DEFAULT)
+    `NOT_IN_DEFAULT`, and, with `attention="blockwise"`, except those whose positions need
+    whole rows of logits (CoPE: xla attention only)."""
+    return tuple(
+        name
+        for name in registry.available_encodings()
+        if name not in NOT_IN_DEFAULT
+        and not (attention == "blockwise" and registry.get_encoding(name).contextual_bias)
+    )
 
 
 def _part_names(encoding: str) -> list[str]:

@@ -527,6 +527,15 @@ def test_default_list_leaves_out_selfextend_and_extend_settles():
     assert study.StudyConfig(encodings=("rope",), extend="linear").extend == ("linear",)
 
 
+def test_blockwise_study_leaves_out_xla_only_encodings_and_refuses_them_by_name():
+    assert "cope" in study.default_encodings()
+    blockwise = study.StudyConfig(attention="blockwise")
+    assert "cope" not in blockwise.encodings and "rope" in blockwise.encodings
+    named = study.StudyConfig(encodings=("cope",), attention="blockwise", train_len=8)
+    with pytest.raises(ValueError, match=r"'cope'.*xla"):
+        study._check_models(named)
+
+
 # ---------------------------------------------------------------- randomized positions
 
 
