@@ -3,6 +3,7 @@ entry points, and the API reference build (docs/build.py)."""
 
 import doctest
 import importlib.util
+import inspect
 import runpy
 import sys
 from pathlib import Path
@@ -37,14 +38,9 @@ def test_example_runs_and_passes_its_own_checks(path, monkeypatch, capsys):
     assert EXPECTED_OUTPUT[path.name] in capsys.readouterr().out
 
 
+# Every public name whose docstring has an example (`>>>`) runs it.
 DOCUMENTED = [
-    pe.apply_rope,
-    pe.sinusoidal_encoding,
-    pe.alibi_bias,
-    pe.t5_bias,
-    pe.dot_product_attention,
-    pe.make_attention_fn,
-    pe.Transformer,
+    getattr(pe, name) for name in pe.__all__ if ">>>" in (inspect.getdoc(getattr(pe, name)) or "")
 ]
 
 
