@@ -88,7 +88,8 @@ GROUPS = {
     "torch": (
         f"The library against PyTorch on the CPU, float32, batch 1, {HEADS} heads, causal, "
         "forward (`fwd`) and forward + backward (`fwd+bwd`, gradients for q, k, v), torch "
-        "pinned to as many threads as JAX's CPU client uses (OpenMP waiting passively). "
+        "pinned to as many threads as JAX's CPU client uses (OpenMP waiting passively) and "
+        "flushing denormals to zero like XLA. "
         "Rows `torch/<term>/<pass>/D<head_dim>/<L>` are the library's default path: "
         "`dot_product_attention(q, k, v, bias_fn=..., causal=True)` (implementation "
         "'auto', default block sizes and positions) with the ALiBi or causal T5 (32 "
@@ -695,6 +696,7 @@ def notes() -> list[str]:
     else:
         notes.append(
             f"torch {importlib.metadata.version('torch')}: {_torch_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}."
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, denormals "
+            "flushed to zero (as XLA's CPU backend does)."
         )
     return notes

@@ -32,8 +32,15 @@ _COMPILE_CACHE_SIZE = 256
 
 
 def setup(threads: int) -> None:
-    """Pins torch's intra-op threads and lets torch.compile keep every case's graph."""
+    """Pins torch's intra-op threads, flushes denormals to zero as XLA's CPU backend does,
+    and lets torch.compile keep every case's graph.
+
+    Without the flush, SDPA's backward with an ALiBi bias runs 1.8x slower (L = 1k):
+    the bias pushes many `exp` results below float32's normal range, and arithmetic on
+    denormals is slow on x86. JAX computes on the CPU with denormals flushed.
+    """
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
     torch._dynamo.config.cache_size_limit = _COMPILE_CACHE_SIZE
     torch._dynamo.config.accumulated_cache_size_limit = _COMPILE_CACHE_SIZE
 
