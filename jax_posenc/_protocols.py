@@ -33,10 +33,39 @@ and token biases add up; at most one part gives a contextual bias). The model an
 combined `PositionalTerms`: a new role touches this file and the attention core only.
 """
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
+
+_PER_ENTRY = contextvars.ContextVar("jax_posenc_per_entry", default=False)
+
+
+@contextlib.contextmanager
+def per_entry_evaluation() -> Iterator[None]:
+    """While active, positional functions being traced compute every entry of a tile the
+    same way, without branching on the values of the positions.
+
+    A `BiasFn` may take shortcuts that depend on the block it is given (the distance
+    biases of `jax_posenc.bias` check at run time whether a block's positions are
+    contiguous and then lay out `bq + bk - 1` values along the diagonals, a `lax.cond`
+    with reshapes and slices). A fused kernel traces the function once per tile and
+    needs plain elementwise arithmetic it can lower (Pallas's Triton backend has no
+    `slice`); it traces inside this context, and the shortcuts step aside. Read at trace
+    time, so jitted functions are unaffected.
+    """
+    token = _PER_ENTRY.set(True)
+    try:
+        yield
+    finally:
+        _PER_ENTRY.reset(token)
+
+
+def per_entry_only() -> bool:
+    """Whether `per_entry_evaluation` is active (see there)."""
+    return _PER_ENTRY.get()
 
 
 class BiasFn(Protocol):

@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 
 from jax_posenc import _checks
-from jax_posenc._protocols import BiasFn
+from jax_posenc._protocols import BiasFn, per_entry_only
 
 KERPLE_VARIANTS = ("log", "power")
 ALIBI_FORMS = ("symmetric", "causal")
@@ -156,7 +156,7 @@ def _distance_bias(
         values = of_distance(_distances(q_positions, k_positions))  # [H, B, bq, bk]
         return jnp.broadcast_to(jnp.swapaxes(values, 0, 1), shape)
 
-    if q_len == 0 or k_len == 0:
+    if q_len == 0 or k_len == 0 or per_entry_only():  # see per_entry_evaluation
         return general()
     q_first, k_first = q_positions[0, 0], k_positions[0, 0]
     offset = _checks.saturating_difference(k_first, q_first)

@@ -71,6 +71,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.extend import core as jex_core
 
 from jax_posenc import _angles, _checks
+from jax_posenc._protocols import per_entry_evaluation
 from jax_posenc.attention._blockwise import _cotangent, _pad_axis
 
 _F32 = jnp.float32
@@ -232,6 +233,15 @@ def _bind(eqn, values, params=None):
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+# The Triton lowering refuses tensors of more elements than this.
+TRITON_MAX_ELEMENTS = 1 << 20
+
+
+class PallasUnsupported(ValueError):
+    """The fused GPU kernels cannot be built for these shapes or this bias function
+    (`implementation="auto"` then runs blockwise instead)."""
+
+
 def _dot_as_sum(lhs, rhs, dimension_numbers, preferred_element_type):
     """`dot_general` without batch dimensions as a broadcast product and a sum over the
     contracted axis (the Triton lowering only takes 2-D products of >= 16 x 16 tiles;
@@ -243,6 +253,13 @@ def _dot_as_sum(lhs, rhs, dimension_numbers, preferred_element_type):
     rhs = lax.transpose(rhs, (*rhs_free, *rhs_contract))
     n_lhs, n_rhs = len(lhs_free), len(rhs_free)
     shape = (*lhs.shape[:n_lhs], *rhs.shape[:n_rhs], lhs.shape[-1])
+    if not _interpret() and math.prod(shape) > TRITON_MAX_ELEMENTS:
+        raise PallasUnsupported(
+            f"implementation='pallas' on GPU: a matrix product inside bias_fn needs a "
+            f"{list(shape)} intermediate per tile ({math.prod(shape)} elements), more than "
+            f"the {TRITON_MAX_ELEMENTS} a Triton tensor may hold; use a smaller block_size "
+            "or implementation='blockwise'"
+        )
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     product = lax.broadcast_in_dim(lhs, shape, (*range(n_lhs), n_lhs + n_rhs)).astype(out_dtype)
     product = product * lax.broadcast_in_dim(
@@ -542,7 +559,8 @@ def trace_bias(bias_fn: Callable, heads: int, q_block: int, k_block: int):
     """`(_Bias, consts)`: `bias_fn` traced on `[1, q_block]`/`[1, k_block]` positions with
     all its constants hoisted (as `_blockwise._hoist` does), and the per-head plan."""
     examples = (jnp.zeros((1, q_block), jnp.int32), jnp.zeros((1, k_block), jnp.int32))
-    closed = jax.make_jaxpr(bias_fn)(*examples)
+    with per_entry_evaluation():  # no per-block shortcuts inside a tile
+        closed = jax.make_jaxpr(bias_fn)(*examples)
     (out,) = closed.out_avals
     target = (1, heads, q_block, k_block)
     if len(out.shape) != 4 or any(s not in (1, t) for s, t in zip(out.shape, target, strict=True)):
@@ -1145,7 +1163,7 @@ def _check_triton_shapes(q_block, k_block, dim, value_dim, rotary) -> None:
             sizes["head_dim - rotary_dim"] = dim - 2 * rotary
     bad = {name: size for name, size in sizes.items() if not _power_of_two(size)}
     if bad:
-        raise ValueError(
+        raise PallasUnsupported(
             f"implementation='pallas' on GPU needs powers of two >= 16 for {sorted(bad)}, got "
             f"{bad}; pick another block_size, or use implementation='blockwise'"
         )
@@ -1153,6 +1171,22 @@ def _check_triton_shapes(q_block, k_block, dim, value_dim, rotary) -> None:
 
 def _next_power_of_two(value: int) -> int:
     return max(16, 1 << (value - 1).bit_length())
+
+
+def builds_on_gpu(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, **options) -> bool:
+    """Whether `pallas_attention(q, ..., **options)` and its gradient can be built for a
+    GPU (traced abstractly, kernels included; nothing runs). `implementation="auto"`
+    asks before choosing the fused kernels."""
+
+    def loss(q, k, v):
+        out = pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, **options)
+        return out.astype(jnp.float32).sum()
+
+    try:
+        jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    except PallasUnsupported:
+        return False
+    return True
 
 
 def pallas_attention(

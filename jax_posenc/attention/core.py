@@ -53,6 +53,7 @@ from jax_posenc.attention._block import (
 from jax_posenc.attention._blockwise import blockwise
 from jax_posenc.attention._pallas import (
     apply_rope_tables,
+    builds_on_gpu,
     check_rope_frequencies,
     check_supported,
     pallas_attention,
@@ -425,6 +426,7 @@ def dot_product_attention(
     check_attention_inputs(q, k, v)
     if contextual_bias is not None:
         implementation = check_contextual_bias(contextual_bias, implementation)
+    requested = implementation
     implementation = resolve_implementation(
         implementation,
         q.shape[1],
@@ -486,15 +488,21 @@ def dot_product_attention(
         contextual_bias,
     )
     q, k, v = (heads_first(x) for x in (q, k, v))
+    pallas_options = {
+        "scale": scale, "causal": causal, "bias_fn": bias_fn,
+        "block_size": block_sizes(block_size), "rope_frequencies": rope_frequencies,
+    }  # fmt: skip
+    if implementation == "pallas" and requested == "auto":
+        # A bias whose per-tile products do not fit a Triton tensor, or tiles that are
+        # not powers of two: the fused kernels cannot be built, blockwise can.
+        arrays = (q, k, v, q_pos, k_pos, q_seg, k_seg, mask)
+        if not builds_on_gpu(*arrays, **pallas_options):
+            implementation = "blockwise"
     if rope_frequencies is not None and implementation != "pallas":
         q = apply_rope_tables(q, *rope_tables(q_pos, rope_frequencies))
         k = apply_rope_tables(k, *rope_tables(k_pos, rope_frequencies))
     if implementation == "pallas":
-        out = pallas_attention(
-            q, k, v, q_pos, k_pos, q_seg, k_seg, mask, scale=scale, causal=causal,
-            bias_fn=bias_fn, block_size=block_sizes(block_size),
-            rope_frequencies=rope_frequencies,
-        )  # fmt: skip
+        out = pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, **pallas_options)
     elif implementation == "xla":
         block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *extra)
         out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
