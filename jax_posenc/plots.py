@@ -145,6 +145,18 @@ def _nice_ticks(low: float, high: float) -> list[float]:
     return sorted({float(f"{v:.2g}") for v in np.geomspace(low, high, 5)[1:-1]})
 
 
+def _distance_axes(
+    axes, ylabel: str, *, legend_size: int = _FONT - 1, ncol: int = 1, ticks: bool = True
+) -> None:
+    """Labels, legend and grid of a panel that plots something against distance."""
+    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
+    axes.set_ylabel(ylabel, fontsize=_FONT)
+    axes.legend(fontsize=legend_size, ncol=ncol)
+    axes.grid(alpha=0.3)
+    if ticks:
+        axes.tick_params(labelsize=_FONT)
+
+
 def _mark_training_length(axes, train_len: int, text: str = "training length") -> None:
     axes.axvline(train_len, color="grey", linestyle="--", linewidth=1)
     axes.annotate(
@@ -411,11 +423,7 @@ def _plot_bias(encoding, path, sizes, trained) -> Path:
         for head, colour in enumerate(_head_colours(sizes.heads)):
             axes.plot(np.arange(sizes.length), curves[head], color=colour, label=f"head {head}")
         _mark_training_length(axes, sizes.train_len)
-        axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-        axes.set_ylabel("logit bias", fontsize=_FONT)
-        axes.legend(fontsize=_FONT - 1)
-        axes.grid(alpha=0.3)
-        axes.tick_params(labelsize=_FONT)
+        _distance_axes(axes, "logit bias")
     else:
         columns = min(sizes.heads, 4)
         rows = math.ceil(sizes.heads / columns)
@@ -469,11 +477,7 @@ def _plot_relative(encoding, path, sizes, trained) -> Path:
             textcoords="offset points",
             fontsize=_FONT - 1,
         )
-    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-    axes.set_ylabel("positional part of the logit", fontsize=_FONT)
-    axes.legend(fontsize=_FONT - 1)
-    axes.grid(alpha=0.3)
-    axes.tick_params(labelsize=_FONT)
+    _distance_axes(axes, "positional part of the logit")
     caption = _caption(trained, True)
     figure.suptitle(
         f"{encoding}: {registry.get_encoding(encoding).description}\n"
@@ -590,11 +594,7 @@ def _plot_xpos(encoding, path, sizes, trained) -> Path:
     for band, colour in enumerate(colours):
         axes.plot(np.arange(sizes.length), decay[band], color=colour, label=f"band {band}")
     _mark_training_length(axes, sizes.train_len)
-    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-    axes.set_ylabel("scale of the band's q\u00b7k product", fontsize=_FONT)
-    axes.legend(fontsize=_FONT - 2, ncol=2)
-    axes.grid(alpha=0.3)
-    axes.tick_params(labelsize=_FONT)
+    _distance_axes(axes, "scale of the band's q\u00b7k product", legend_size=_FONT - 2, ncol=2)
     figure.suptitle(
         f"{encoding}: {registry.get_encoding(encoding).description}\n"
         f"each band rotates as in RoPE and decays as \u03b6_i^(d/512); head_dim "
@@ -640,10 +640,7 @@ def _plot_qk_transform(encoding, path, sizes, trained) -> Path:
     for head, colour in enumerate(_head_colours(sizes.heads)):
         axes.plot(np.arange(sizes.length), curves[head], color=colour, label=f"head {head}")
     _mark_training_length(axes, sizes.train_len)
-    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-    axes.set_ylabel("q\u00b7k / head_dim for q = k = 1", fontsize=_FONT)
-    axes.legend(fontsize=_FONT - 1)
-    axes.grid(alpha=0.3)
+    _distance_axes(axes, "q\u00b7k / head_dim for q = k = 1", ticks=False)
     caption = _caption(trained, bool(jax.tree.leaves(variables)))
     figure.suptitle(
         f"{encoding}: {registry.get_encoding(encoding).description}\n{caption}", fontsize=_FONT
@@ -662,11 +659,7 @@ def _plot_token_bias(encoding, path, sizes, trained) -> Path:
     for head, colour in enumerate(_head_colours(sizes.heads)):
         axes.plot(np.arange(sizes.length), curves[head], color=colour, label=f"head {head}")
     _mark_training_length(axes, sizes.train_len)
-    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-    axes.set_ylabel("logit bias", fontsize=_FONT)
-    axes.legend(fontsize=_FONT - 1)
-    axes.grid(alpha=0.3)
-    axes.tick_params(labelsize=_FONT)
+    _distance_axes(axes, "logit bias")
     figure.suptitle(
         f"{encoding}: {registry.get_encoding(encoding).description}\n"
         "the bias depends on the tokens in between: shown for one random layer input "
@@ -705,11 +698,7 @@ def _plot_contextual(encoding, path, sizes, trained) -> Path:
         (right, "logit term scale * q . e(p)"),
     ):
         _mark_training_length(axes, sizes.train_len)
-        axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-        axes.set_ylabel(label, fontsize=_FONT)
-        axes.legend(fontsize=_FONT - 1)
-        axes.grid(alpha=0.3)
-        axes.tick_params(labelsize=_FONT)
+        _distance_axes(axes, label)
     figure.suptitle(
         f"{encoding}: {registry.get_encoding(encoding).description}\n"
         f"one random query and keys (N(0, 1) features), gates sigmoid(q . k / sqrt(D)); "
@@ -761,11 +750,7 @@ def _plot_selfextend(encoding, path, sizes, trained) -> Path:
         textcoords="offset points",
         fontsize=_FONT - 1,
     )
-    axes.set_xlabel("query - key distance (tokens)", fontsize=_FONT)
-    axes.set_ylabel("relative position the rotation uses", fontsize=_FONT)
-    axes.legend(fontsize=_FONT - 1)
-    axes.grid(alpha=0.3)
-    axes.tick_params(labelsize=_FONT)
+    _distance_axes(axes, "relative position the rotation uses")
     figure.suptitle(
         f"{encoding}: {registry.get_encoding(encoding).description}\n"
         f"group size {group}, window {window} (its defaults): within the window it is plain "
