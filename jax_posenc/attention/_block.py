@@ -45,6 +45,12 @@ class Terms(NamedTuple):
     token_bias_fn: TokenBiasFn | None = None
     alternate_select: PairSelectFn | None = None
     contextual_bias: ContextualBias | None = None  # the xla path only: reads whole rows
+    # Layouts of `Block.k` / `Block.v`: False `[B, Hkv, bk, D]`, True `[B, Hkv, D, bk]`.
+    # The blockwise loops keep keys (and, in the backward pass, values) transposed: every
+    # per-block product is then a plain matrix product whose cotangents XLA's CPU backend
+    # computes without transposing the `[bq, bk]` block (see `_blockwise`).
+    keys_transposed: bool = False
+    values_transposed: bool = False
 
 
 class PerToken(NamedTuple):
@@ -59,8 +65,8 @@ class Block(NamedTuple):
     """The arrays of one (query block, key block) pair; any of the last seven may be None."""
 
     q: jax.Array  # [B, H, bq, D] (head-major inside this module, see `heads_first`)
-    k: jax.Array  # [B, Hkv, bk, D]
-    v: jax.Array  # [B, Hkv, bk, Dv]
+    k: jax.Array  # [B, Hkv, bk, D], or [B, Hkv, D, bk] (`Terms.keys_transposed`)
+    v: jax.Array  # [B, Hkv, bk, Dv], or [B, Hkv, Dv, bk] (`Terms.values_transposed`)
     q_pos: jax.Array  # [B or 1, bq]
     k_pos: jax.Array  # [B or 1, bk]
     q_seg: jax.Array | None  # [B or 1, bq]
@@ -101,15 +107,49 @@ def _group(x: jax.Array, kv_heads: int) -> jax.Array:
     return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
 
 
-def _content_logits(q: jax.Array, k: jax.Array, terms: Terms) -> jax.Array:
-    """`scale * (q + u) . k`, float32 `[B, H, bq, bk]` (u: the content bias, if any)."""
+def _content_logits(
+    q: jax.Array, k: jax.Array, terms: Terms, k_transposed: bool = False
+) -> jax.Array:
+    """`scale * (q + u) . k`, float32 `[B, H, bq, bk]` (u: the content bias, if any);
+    `k` is `[B, Hkv, bk, D]`, or `[B, Hkv, D, bk]` if `k_transposed`."""
     relative = terms.relative_terms
     content_bias = None if relative is None else relative.content_bias
     if content_bias is not None:
         q = q + content_bias[:, None, :].astype(q.dtype)
     batch, heads, q_len, _ = q.shape
-    logits = jnp.einsum("bhgqd,bhkd->bhgqk", _group(q, k.shape[1]), k, preferred_element_type=_F32)
-    return logits.reshape(batch, heads, q_len, k.shape[2]) * terms.scale
+    grouped = _group(q, k.shape[1])
+    if k_transposed:
+        logits = _grouped_logits(grouped, k)
+    else:
+        logits = jnp.einsum("bhgqd,bhkd->bhgqk", grouped, k, preferred_element_type=_F32)
+    return logits.reshape(batch, heads, q_len, -1) * terms.scale
+
+
+@jax.custom_vjp
+def _grouped_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """`q k` for grouped queries `[B, Hkv, G, bq, D]` and transposed keys
+    `[B, Hkv, D, bk]`, float32 `[B, Hkv, G, bq, bk]`.
+
+    The same product as the einsum, with the cotangent of the keys written as
+    `q^T g -> [.., D, bk]`: JAX's own transpose rule asks for `g^T q` and a transpose of
+    the small result, which XLA's CPU backend turns into a transposed copy of the whole
+    `[bq, bk]` cotangent (about 1 ms per 8 x 512 x 256 block).
+    """
+    return jnp.einsum("bhgqd,bhdk->bhgqk", q, k, preferred_element_type=_F32)
+
+
+def _grouped_logits_fwd(q, k):
+    return _grouped_logits(q, k), (q, k)
+
+
+def _grouped_logits_bwd(residuals, g):
+    q, k = residuals
+    dq = jnp.einsum("bhgqk,bhdk->bhgqd", g, k, preferred_element_type=_F32)
+    dk = jnp.einsum("bhgqd,bhgqk->bhdk", q, g, preferred_element_type=_F32)
+    return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+_grouped_logits.defvjp(_grouped_logits_fwd, _grouped_logits_bwd)
 
 
 def _allowed(block: Block, terms: Terms) -> jax.Array | None:
@@ -132,10 +172,10 @@ def _block_logits(block: Block, terms: Terms) -> tuple[jax.Array, jax.Array | No
     """Float32 logits `[B, H, bq, bk]` and where attention is allowed (None: everywhere)."""
     q, k = block.q, block.k
     batch, heads, q_len, _ = q.shape
-    shape = (batch, heads, q_len, k.shape[2])
+    shape = (batch, heads, q_len, k.shape[3 if terms.keys_transposed else 2])
     relative = terms.relative_terms or RelativeTerms()
     allowed = _allowed(block, terms)
-    logits = _content_logits(q, k, terms)
+    logits = _content_logits(q, k, terms, terms.keys_transposed)
     if terms.alternate_select is not None:
         # Two content logits per block, one chosen per pair (SelfExtend's merge).
         select = terms.alternate_select(block.q_pos, block.k_pos)
@@ -182,13 +222,14 @@ def weighted_values(weights: jax.Array, block: Block, terms: Terms) -> jax.Array
     kv_heads = block.v.shape[1]
     batch, heads, q_len, _ = weights.shape
     grouped = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, -1)
+    spec = "bhgqk,bhdk->bhgqd" if terms.values_transposed else "bhgqk,bhkd->bhgqd"
     values = jnp.einsum(
-        "bhgqk,bhkd->bhgqd", grouped.astype(block.v.dtype), block.v, preferred_element_type=_F32
-    ).reshape(batch, heads, q_len, block.v.shape[-1])
+        spec, grouped.astype(block.v.dtype), block.v, preferred_element_type=_F32
+    ).reshape(batch, heads, q_len, -1)
     value_fn = terms.relative_terms.value_fn if terms.relative_terms is not None else None
     if value_fn is not None:
         value_term = value_fn(weights, block.q_pos, block.k_pos)
-        target = (batch, q_len, heads, block.v.shape[-1])
+        target = (batch, q_len, heads, values.shape[-1])
         check_broadcastable("relative_terms.value_fn", value_term, target)
         values = values + heads_first(jnp.broadcast_to(value_term, target)).astype(_F32)
     return values

@@ -162,7 +162,9 @@ class _Tiling(NamedTuple):
     alternate_select: Callable | None
 
 
-def _bind_terms(tiling: _Tiling, content_bias, consts) -> Terms:
+def _bind_terms(tiling: _Tiling, content_bias, consts, values_transposed=False) -> Terms:
+    """The per-block `Terms`; keys are always transposed (`[.., D, bk]`), values in the
+    backward pass only (see `blockwise`)."""
     functions = (
         tiling.bias_fn,
         tiling.query_bias_fn,
@@ -175,7 +177,10 @@ def _bind_terms(tiling: _Tiling, content_bias, consts) -> Terms:
         for fn, extra in zip(functions, consts, strict=True)
     ]
     relative = RelativeTerms(bound[1], bound[2], content_bias)
-    return Terms(tiling.scale, tiling.causal, bound[0], relative, bound[3], bound[4])
+    return Terms(
+        tiling.scale, tiling.causal, bound[0], relative, bound[3], bound[4],
+        keys_transposed=True, values_transposed=values_transposed,
+    )  # fmt: skip
 
 
 def _split_extra(extra: PerToken, block: int) -> PerToken:
@@ -189,68 +194,134 @@ def _bounds(blocks: jax.Array | None):
 
 
 def _query_inputs(tiling: _Tiling, q, q_pos, q_seg, q_extra):
-    """What `lax.map`/`lax.scan` over query blocks reads: index, block, ids, per-token
-    arrays, bounds."""
+    """What the loops over query blocks read: index, block, ids, per-token arrays."""
     pos, seg = _split_blocks(q_pos, 1, tiling.q_block), _split_blocks(q_seg, 1, tiling.q_block)
     num_q = q.shape[2] // tiling.q_block
     return (jnp.arange(num_q), _split_blocks(q, 2, tiling.q_block), pos, seg,
-            _split_extra(q_extra, tiling.q_block), (_bounds(pos), _bounds(seg)))  # fmt: skip
+            _split_extra(q_extra, tiling.q_block))  # fmt: skip
 
 
-def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg, k_extra):
-    """What the scan over key blocks reads: index, blocks, ids, per-token arrays,
-    padding flags, bounds."""
-    k_block, k_pad = tiling.k_block, k.shape[2]
+def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg, k_extra, values_transposed=False):
+    """What the loops over key blocks read, each `[nk, ...]`: blocks, ids, per-token
+    arrays, padding flags. `k` is `[B, Hkv, D, L]`, `v` `[B, Hkv, L, Dv]` or, if
+    `values_transposed`, `[B, Hkv, Dv, L]`."""
+    k_block, k_pad = tiling.k_block, k.shape[3]
     pos, seg = _split_blocks(k_pos, 1, k_block), _split_blocks(k_seg, 1, k_block)
     valid = None
     if k_pad != tiling.k_len:
         valid = _split_blocks(jnp.arange(k_pad) < tiling.k_len, 0, k_block)
-    blocks = (_split_blocks(k, 2, k_block), _split_blocks(v, 2, k_block))
-    extra = _split_extra(k_extra, k_block)
-    bounds = (_bounds(pos), _bounds(seg))
-    return (jnp.arange(k_pad // k_block), *blocks, pos, seg, extra, valid, bounds)
+    blocks = (
+        _split_blocks(k, 3, k_block),
+        _split_blocks(v, 3 if values_transposed else 2, k_block),
+    )
+    return (*blocks, pos, seg, _split_extra(k_extra, k_block), valid)
 
 
-def _is_empty(causal: bool, q_bound, k_bound) -> jax.Array:
-    """Whether a block pair provably has no allowed entry.
+class _Schedule(NamedTuple):
+    """Which key blocks each query block visits, and how (all `int32`).
 
-    Causal and every query position of the block is below every key position of the
-    other (max q_pos < min k_pos over the whole batch), or the ranges of segment ids of
-    the two blocks are disjoint. This holds for arbitrary positions, and for arange
-    positions it drops exactly the blocks above the diagonal.
+    A pair of blocks is *empty* when it provably has no allowed entry, *full* when every
+    entry is allowed (its logits then need no mask), *partial* otherwise.
     """
-    (_, q_pos_max), q_seg_range = q_bound
-    (k_pos_min, _), k_seg_range = k_bound
-    empty = jnp.asarray(False)
-    if causal:
-        empty = empty | (q_pos_max < k_pos_min)
-    if q_seg_range is not None:
-        empty = empty | (q_seg_range[1] < k_seg_range[0]) | (k_seg_range[1] < q_seg_range[0])
-    return empty
+
+    order: jax.Array  # [nq, nk]: key blocks, the full ones first, then partial, then empty
+    num_full: jax.Array  # [nq]
+    num_partial: jax.Array  # [nq]
 
 
-def _scan_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, skipped=None):
-    """`carry, output_j = step(carry, block)` over the key blocks of one query block.
+def _mask_blocks(mask: jax.Array, q_block: int, k_block: int, shape: tuple[int, int]):
+    """Whether any / every entry of each block pair of a boolean mask is True (over batch
+    and heads too), both broadcast to `shape` = `(nq, nk)`."""
 
-    Returns the final carry and the outputs stacked over key blocks; a skipped pair
-    leaves the carry as it is and outputs `skipped`. Carries stay block-sized: a
-    loop-carried full-length array would be copied through every `lax.cond`.
+    def per_block(reduced, reduce):  # [Lq or 1, Lk or 1] -> [nq or 1, nk or 1]
+        rows = reduced.shape[0] // q_block if reduced.shape[0] > 1 else 1
+        cols = reduced.shape[1] // k_block if reduced.shape[1] > 1 else 1
+        blocks = reduced.reshape(rows, reduced.shape[0] // rows, cols, reduced.shape[1] // cols)
+        return jnp.broadcast_to(reduce(blocks, axis=(1, 3)), shape)
+
+    return (
+        per_block(mask.any(axis=(0, 1)), jnp.any),
+        per_block(mask.all(axis=(0, 1)), jnp.all),
+    )
+
+
+def _schedule(tiling: _Tiling, q_pos, k_pos, q_seg, k_seg, mask) -> _Schedule | None:
+    """The `_Schedule` of the block pairs; None when every pair is full (no causal mask,
+    no segments, no mask array, no padded keys).
+
+    From per-block bounds over the whole batch: a pair is empty when causal and every
+    query position of the block is below every key position of the other (max q_pos <
+    min k_pos), when the ranges of segment ids are disjoint, or when the mask has no
+    True entry in it; it is full when causal allows every entry (min q_pos >= max
+    k_pos), both blocks hold one and the same segment, the mask is True throughout and
+    no key is padding. This holds for arbitrary positions; for arange positions the
+    empty pairs are exactly those above the diagonal and the partial ones those on it.
     """
-    index, q_i, q_pos_i, q_seg_i, q_extra_i, q_bound = q_inputs
+    num_q = q_pos.shape[1] // tiling.q_block
+    num_k = k_pos.shape[1] // tiling.k_block
+    k_padded = num_k * tiling.k_block != tiling.k_len
+    if not (tiling.causal or q_seg is not None or mask is not None or k_padded):
+        return None
+    q_pos_min, q_pos_max = _bounds(_split_blocks(q_pos, 1, tiling.q_block))
+    k_pos_min, k_pos_max = _bounds(_split_blocks(k_pos, 1, tiling.k_block))
+    empty = jnp.zeros((num_q, num_k), bool)
+    full = jnp.ones((num_q, num_k), bool)
+    if tiling.causal:
+        empty = empty | (q_pos_max[:, None] < k_pos_min[None, :])
+        full = full & (q_pos_min[:, None] >= k_pos_max[None, :])
+    if q_seg is not None:
+        q_lo, q_hi = _bounds(_split_blocks(q_seg, 1, tiling.q_block))
+        k_lo, k_hi = _bounds(_split_blocks(k_seg, 1, tiling.k_block))
+        empty = empty | (q_hi[:, None] < k_lo[None, :]) | (k_hi[None, :] < q_lo[:, None])
+        one_segment = (q_lo == q_hi)[:, None] & (k_lo == k_hi)[None, :]
+        full = full & one_segment & (q_lo[:, None] == k_lo[None, :])
+    if mask is not None:
+        anywhere, everywhere = _mask_blocks(mask, tiling.q_block, tiling.k_block, empty.shape)
+        empty, full = empty | ~anywhere, full & everywhere
+    if k_padded:  # only the last key block holds padding
+        full = full & (jnp.arange(num_k) < num_k - 1)[None, :]
+    kind = jnp.where(empty, 2, jnp.where(full, 0, 1))
+    order = jnp.argsort(kind, axis=1, stable=True).astype(jnp.int32)
+    count = lambda value: jnp.sum(kind == value, axis=1, dtype=jnp.int32)  # noqa: E731
+    return _Schedule(order, count(0), count(1))
+
+
+def _loop_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, schedule):
+    """`carry = step(carry, block, j, full)` over the non-empty key blocks `j` of one
+    query block: first the full ones (`block` then carries no segment ids, mask or
+    padding flags, and `full` is True: the logits need no mask), then the partial ones.
+
+    `schedule` is this query block's row of the `_Schedule`, or None (every pair full).
+    The loops run exactly as many steps as there are such blocks: no step is spent on
+    an empty pair, and no full pair evaluates a mask.
+    """
+    index, q_i, q_pos_i, q_seg_i, q_extra_i = q_inputs
     mask_i = _slice_mask(mask, 2, index, tiling.q_block)
+    num_k = k_inputs[0].shape[0]
 
-    def body(carry, key_inputs):
-        j, k_j, v_j, k_pos_j, k_seg_j, k_extra_j, valid_j, k_bound = key_inputs
-        block = Block(
-            q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
-            _slice_mask(mask_i, 3, j, tiling.k_block), valid_j, q_extra_i, k_extra_j,
-        )  # fmt: skip
-        if not (tiling.causal or q_seg_i is not None):
-            return step(carry, block)
-        skip = _is_empty(tiling.causal, q_bound, k_bound)
-        return lax.cond(skip, lambda c: (c, skipped), lambda c: step(c, block), carry)
+    def visit(carry, j, full):
+        k_j, v_j, k_pos_j, k_seg_j, k_extra_j, valid_j = jax.tree.map(lambda x: x[j], k_inputs)
+        if full:
+            block = Block(q_i, k_j, v_j, q_pos_i, k_pos_j, None, None, None, None,
+                          q_extra_i, k_extra_j)  # fmt: skip
+        else:
+            block = Block(
+                q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
+                _slice_mask(mask_i, 3, j, tiling.k_block), valid_j, q_extra_i, k_extra_j,
+            )  # fmt: skip
+        return step(carry, block, j, full)
 
-    return lax.scan(body, carry, k_inputs)
+    if schedule is None:
+        return lax.fori_loop(0, num_k, lambda j, c: visit(c, j, True), carry)
+    order, num_full, num_partial = schedule
+    carry = lax.fori_loop(0, num_full, lambda t, c: visit(c, order[t], True), carry)
+    end = num_full + num_partial
+    return lax.fori_loop(num_full, end, lambda t, c: visit(c, order[t], False), carry)
+
+
+def _full_terms(terms: Terms, full: bool) -> Terms:
+    """The terms of a full pair of blocks: no causal comparison (every entry allowed)."""
+    return terms._replace(causal=False) if full else terms
 
 
 def _blockwise_forward(
@@ -259,22 +330,30 @@ def _blockwise_forward(
     """Output blocks `[nq, B, H, bq, Dv]` and log-normalizers `[nq, B, H, bq]`."""
     terms = _bind_terms(tiling, content_bias, consts)
     k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
+    schedule = _schedule(tiling, q_pos, k_pos, q_seg, k_seg, mask)
     anchor = _anchor(
         q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
     )
 
-    def one_query_block(q_inputs):
-        state, _ = _scan_key_blocks(
+    def step(state, block, j, full):
+        del j
+        return accumulate(state, block, _full_terms(terms, full))
+
+    def one_query_block(inputs):
+        q_inputs, schedule_i = inputs
+        state = _loop_key_blocks(
             tiling,
-            lambda state, block: (accumulate(state, block, terms), None),
+            step,
             init_softmax(q_inputs[1], v.shape[-1], anchor),
             q_inputs,
             k_inputs,
             mask,
+            schedule_i,
         )
         return finalize(state), log_normalizer(state)
 
-    return lax.map(one_query_block, _query_inputs(tiling, q, q_pos, q_seg, q_extra))
+    q_inputs = _query_inputs(tiling, q, q_pos, q_seg, q_extra)
+    return lax.map(one_query_block, (q_inputs, schedule))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -283,7 +362,8 @@ def _blockwise_attention(
 ):
     """Online-softmax attention over (query block, key block) pairs; see the module doc.
 
-    Every array it reads is an argument (q, k, v `[B, H, L, D]` padded to whole blocks,
+    Every array it reads is an argument (q, v `[B, H, L, D]` and k `[B, H, D, L]`
+    (transposed, see `blockwise`) padded to whole blocks,
     their per-token arrays (`PerToken`: token-bias values, alternate q and k), positions
     and segment ids `[B or 1, L]`, the mask, the hoisted constants of the positional terms),
     so it composes with jit at any depth, checkpoint, scan and vmap.
@@ -311,23 +391,27 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     d_out = _split_blocks(d_out, 2, tiling.q_block)  # [nq, B, H, bq, Dv]
     # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
     d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
-    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
-    k_blocks, v_blocks, k_extra_blocks = k_inputs[1], k_inputs[2], k_inputs[5]
+    # Values transposed too: the products d_out v^T and p^T d_out then need no
+    # per-block transpose; dk and dv are accumulated as [.., Dv, bk] and turned once.
+    v_transposed = jnp.swapaxes(v, 2, 3)
+    k_inputs = _key_inputs(tiling, k, v_transposed, k_pos, k_seg, k_extra, values_transposed=True)
+    k_blocks, v_blocks, k_extra_blocks = k_inputs[0], k_inputs[1], k_inputs[4]
+    schedule = _schedule(tiling, q_pos, k_pos, q_seg, k_seg, mask)
     anchor = _anchor(args, d_out)
 
     def one_query_block(grads, inputs):
-        *q_inputs, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
+        q_inputs, schedule_i, d_out_i, log_normalizer_i, d_out_dot_out_i = inputs
 
-        def step(grads, block):
-            dq_i, d_q_extra_i, d_content_bias, d_consts = grads
+        def step(grads, block, j, full):
+            dq_i, d_q_extra_i, dk, dv, d_k_extra, d_content_bias, d_consts = grads
 
             def logits_of(q_i, k_j, q_extra_i, k_extra_j, content_bias, consts):
-                terms = _bind_terms(tiling, content_bias, consts)
+                terms = _bind_terms(tiling, content_bias, consts, values_transposed=True)
                 replaced = block._replace(q=q_i, k=k_j, q_extra=q_extra_i, k_extra=k_extra_j)
-                return masked_logits(replaced, terms)
+                return masked_logits(replaced, _full_terms(terms, full))
 
             def values_of(weights, v_j, consts):
-                terms = _bind_terms(tiling, content_bias, consts)
+                terms = _bind_terms(tiling, content_bias, consts, values_transposed=True)
                 return weighted_values(weights, block._replace(v=v_j), terms)
 
             primals = (block.q, block.k, block.q_extra, block.k_extra, content_bias, consts)
@@ -339,42 +423,36 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
             dq_ij, dk_j, d_q_extra_ij, d_k_extra_j, d_content_bias_j, d_consts_logits = logits_vjp(
                 d_logits
             )
-            grads = (
+            # Key-side gradients go straight into their block of the full-length sums.
+            add_at_j = lambda total, x: total.at[j].add(x.astype(_F32))  # noqa: E731
+            return (
                 dq_i + dq_ij.astype(_F32),
                 _add_float32(d_q_extra_i, d_q_extra_ij),
+                add_at_j(dk, dk_j),
+                add_at_j(dv, dv_j),
+                jax.tree.map(add_at_j, d_k_extra, d_k_extra_j),
                 _add_float32(d_content_bias, d_content_bias_j),
                 _add_float32(_add_float32(d_consts, d_consts_logits), d_consts_values),
             )
-            d_k_extra_j = jax.tree.map(lambda x: x.astype(_F32), d_k_extra_j)
-            return grads, (dk_j.astype(_F32), dv_j.astype(_F32), d_k_extra_j)
 
-        dk, dv, d_k_extra, d_content_bias, d_consts = grads
-        first_key_block = jax.tree.map(lambda x: x[0], (k_blocks, v_blocks, k_extra_blocks))
         q_i, q_extra_i = q_inputs[1], q_inputs[4]
-        carry = (*_float32_zeros((q_i, q_extra_i), anchor), d_content_bias, d_consts)
-        (dq_i, d_q_extra_i, d_content_bias, d_consts), (dk_i, dv_i, d_k_extra_i) = _scan_key_blocks(
-            tiling,
-            step,
-            carry,
-            q_inputs,
-            k_inputs,
-            mask,
-            _float32_zeros(first_key_block, anchor),
+        carry = (*_float32_zeros((q_i, q_extra_i), anchor), *grads)
+        dq_i, d_q_extra_i, *grads = _loop_key_blocks(
+            tiling, step, carry, q_inputs, k_inputs, mask, schedule_i
         )
-        sums = _add_float32((dk, dv, d_k_extra), (dk_i, dv_i, d_k_extra_i))
-        return (*sums, d_content_bias, d_consts), (dq_i, d_q_extra_i)
+        return tuple(grads), (dq_i, d_q_extra_i)
 
     initial = _float32_zeros((k_blocks, v_blocks, k_extra_blocks, content_bias, consts), anchor)
-    inputs = (
-        *_query_inputs(tiling, q, q_pos, q_seg, q_extra),
-        d_out,
-        log_normalizer,
-        d_out_dot_out,
-    )
+    q_inputs = _query_inputs(tiling, q, q_pos, q_seg, q_extra)
+    inputs = (q_inputs, schedule, d_out, log_normalizer, d_out_dot_out)
     (dk, dv, d_k_extra, d_content_bias, d_consts), (dq, d_q_extra) = lax.scan(
         one_query_block, initial, inputs
     )
-    merged = jax.tree.map(lambda x: _merge_blocks(x, 2), (dq, dk, dv, d_q_extra, d_k_extra))
+    dq, d_q_extra, d_k_extra = jax.tree.map(
+        lambda x: _merge_blocks(x, 2), (dq, d_q_extra, d_k_extra)
+    )
+    dk, dv = _merge_blocks(dk, 3), jnp.swapaxes(_merge_blocks(dv, 3), 2, 3)
+    merged = (dq, dk, dv, d_q_extra, d_k_extra)
     q_grad, k_grad, v_grad, q_extra_grad, k_extra_grad, bias_grad = jax.tree.map(
         _cotangent, (*merged, d_content_bias), (q, k, v, q_extra, k_extra, content_bias)
     )
@@ -436,8 +514,13 @@ def blockwise(
         strict=True,
     )
     tiling = _Tiling(terms.scale, terms.causal, q_block, k_block, k_len, *functions)
+    # Keys enter transposed, [B, Hkv, D, L]: the product q k^T of every block is then a
+    # plain matrix product and its cotangent for the keys comes out as [.., D, bk]
+    # without transposing the [bq, bk] block (XLA's CPU backend otherwise copies that
+    # block transposed for every step of the backward pass).
+    k_transposed = jnp.swapaxes(k, 2, 3)
     out = _blockwise_attention(
-        tiling, q, k, v, relative.content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg,
-        mask, consts,
+        tiling, q, k_transposed, v, relative.content_bias, q_extra, k_extra, q_pos, k_pos,
+        q_seg, k_seg, mask, consts,
     )  # fmt: skip
     return out[:, :, :q_len]
