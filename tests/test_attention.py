@@ -843,9 +843,9 @@ def test_the_attention_package_imports_no_registry_family_model_or_training_modu
 # ---------------------------------------------------------------- defaults: auto, block table
 
 
-def test_auto_runs_xla_within_one_block_and_blockwise_beyond():
-    assert pe.attention.resolve_implementation("auto", 256, 256) == "xla"
-    assert pe.attention.resolve_implementation("auto", 257, 256) == "blockwise"
+def test_auto_runs_xla_for_short_sequences_and_blockwise_beyond():
+    assert pe.attention.resolve_implementation("auto", 384, 384) == "xla"
+    assert pe.attention.resolve_implementation("auto", 385, 384) == "blockwise"
     assert pe.attention.resolve_implementation("xla", 4096, 4096) == "xla"
     with pytest.raises(ValueError, match="implementation must be one of"):
         pe.attention.resolve_implementation("fast", 8, 8)
@@ -855,14 +855,14 @@ def test_auto_runs_xla_within_one_block_and_blockwise_beyond():
         jaxpr = jax.make_jaxpr(lambda q: pe.dot_product_attention(q, q, q, causal=True))(q)
         return "custom_vjp_call" in str(jaxpr)
 
-    assert not uses_the_blockwise_vjp(256)
-    assert uses_the_blockwise_vjp(300)
+    assert not uses_the_blockwise_vjp(384)
+    assert uses_the_blockwise_vjp(400)
 
 
 def test_default_block_sizes_follow_the_table_and_the_accelerator_rule():
     table = dict(pe.attention.CPU_BLOCK_TABLE)
-    assert pe.attention.default_block_size(8, 1024, 64, platform="cpu") == table[1024]
-    assert pe.attention.default_block_size(8, 1025, 64, platform="cpu") == table[None]
+    assert pe.attention.default_block_size(8, 4096, 64, platform="cpu") == table[4096]
+    assert pe.attention.default_block_size(8, 4097, 128, platform="cpu") == table[None]
     assert pe.attention.default_block_size(8, 9000, 64, platform="gpu") == (512, 512)
     assert pe.attention.default_block_size(8, 9000, 256, platform="gpu") == (512, 256)
 

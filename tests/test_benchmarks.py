@@ -26,6 +26,7 @@ from benchmarks import cases as suite
 from benchmarks import report, runner, tutorial
 from benchmarks.__main__ import main as bench_main
 from benchmarks.runner import Case, Settings
+from jax_posenc import attention as pe_attention
 from jax_posenc import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -491,3 +492,30 @@ def test_tutorial_alibi_attention_matches_float64_attention():
     expected = np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
     got = jax.jit(tutorial.alibi_attention)(q, k, v)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------ block-size sweep
+
+
+def test_block_size_sweep_times_every_candidate_against_the_tables_choice(tmp_path, capsys):
+    from benchmarks import block_sizes
+
+    argv = ["--out", str(tmp_path), "--lengths", "64", "--head-dims", "8", "--repeats", "3"]
+    assert block_sizes.main([*argv, "--sizes", "16x16", "32x16", "128x128"]) == 0
+    record = json.loads((tmp_path / "block_sizes.json").read_text())
+    rows = record["rows"]
+    chosen = tuple(pe_attention.default_block_size(64, 64, 8))
+    # 128x128 exceeds the length and is dropped; the table's choice always runs.
+    sizes = {(16, 16), (32, 16), chosen}
+    assert {(tuple(r["block_size"]), r["mode"]) for r in rows} == {
+        (size, mode) for size in sizes for mode in ("fwd", "fwd+bwd")
+    }
+    for row in rows:
+        same_case = [r for r in rows if r["mode"] == row["mode"]]
+        reference = next(r for r in same_case if r["chosen"])
+        assert row["ratio"] == pytest.approx(row["seconds"] / reference["seconds"])
+        assert row["seconds"] > 0 and row["chosen"] == (tuple(row["block_size"]) == chosen)
+    markdown = (tmp_path / "block_sizes.md").read_text()
+    assert "| 64, fwd |" in markdown and "| 64, fwd+bwd |" in markdown
+    assert markdown in capsys.readouterr().out
+    assert block_sizes.parse_args(["--sizes", "512x256", "64"]).sizes == [(512, 256), (64, 64)]

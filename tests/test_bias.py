@@ -175,6 +175,7 @@ def test_t5_causal_mode_allows_two_buckets():
 _BLOCK_LAYOUTS = {
     "contiguous": (np.arange(5, 17)[None], np.arange(0, 9)[None]),
     "contiguous_single_query": (np.array([[300]]), np.arange(280, 310)[None]),
+    "contiguous_default_block": (np.arange(256, 768)[None], np.arange(0, 256)[None]),
     "far_apart": (1000 + np.arange(6)[None], np.arange(10)[None]),
     "far_ahead": (np.arange(6)[None], 700 + np.arange(10)[None]),
     "straddles_max_distance": (np.arange(120, 140)[None], np.arange(0, 12)[None]),
@@ -214,8 +215,24 @@ def test_t5_bias_takes_the_table_row_of_each_bucket_on_every_block_layout(bidire
         for head in range(H):
             np.add.at(expected_grad[:, head], buckets, np.asarray(weights)[:, head])
         np.testing.assert_allclose(
-            np.asarray(grad_fn(table, q, k, weights)), expected_grad, atol=1e-5, err_msg=name
+            np.asarray(grad_fn(table, q, k, weights)),
+            expected_grad,
+            rtol=1e-5,  # float32 sums of up to ~10^5 weights per bucket
+            atol=1e-5,
+            err_msg=name,
         )
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (12, 9), (16, 16), (37, 300), (512, 256)])
+def test_diagonal_sums_collect_every_entry_of_each_diagonal(shape):
+    # The gradient of the Toeplitz layout: out[h, q - 1 - i + j] sums tile[h, i, j].
+    q_len, k_len = shape
+    tile = np.random.default_rng(q_len).standard_normal((2, q_len, k_len))
+    expected = np.zeros((2, q_len + k_len - 1))
+    for i in range(q_len):
+        expected[:, q_len - 1 - i : q_len - 1 - i + k_len] += tile[:, i, :]
+    got = jax.jit(bias._diagonal_sums)(jnp.asarray(tile, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
 _DISTANCE_REFERENCES = {

@@ -63,19 +63,20 @@ from jax_posenc.attention._pallas import (
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas")
 # Blockwise (q_block, k_block) when none is given, by key length: `(up to k_len, size)`
 # rows, the last for every longer sequence. Measured on the 2-core x86 CPU these tests
-# run on (float32, batch 1, 8 heads, causal, ALiBi, head_dim 64 and 128, forward and
-# forward+backward; `benchmarks/` has the sweep): (256, 256) up to 1k keys and
-# (512, 256) beyond were within noise of the fastest entry everywhere, and 0.5-0.95x the
-# time of the (256, 128) used before, the gain growing with the length.
-CPU_BLOCK_TABLE = ((1024, (256, 256)), (None, (512, 256)))
+# run on (float32, batch 1, 8 heads, causal, no bias, head_dim 64 and 128, L 1k-8k,
+# forward and forward+backward; `python -m benchmarks.block_sizes` repeats the sweep):
+# (512, 256) was the fastest or within noise of it up to 4k keys, for both head sizes;
+# (512, 512) is 3-8% faster at 8k. Head size and dtype did not change the choice.
+CPU_BLOCK_TABLE = ((4096, (512, 256)), (None, (512, 512)))
 # GPU/TPU, until the Pallas kernel picks its own: 512 x 512 amortises the per-iteration
 # cost of the loops; halved along the keys for head_dim > 128 to bound the working set.
 # A documented rule, not measured here (no accelerator was lent).
 ACCELERATOR_BLOCK_SIZE = (512, 512)
-# `implementation="auto"` runs the materialized xla path while the whole logit matrix
-# is at most one default block (the blockwise loop then has a single step and only
-# adds the custom-VJP bookkeeping), and blockwise beyond.
-AUTO_XLA_MAX_LOGITS = 256 * 256
+# `implementation="auto"` runs the materialized xla path up to 384 x 384 logits and
+# blockwise beyond. Measured as the table above (causal, no bias): at L = 384 xla takes
+# 0.6-0.8x the blockwise time (forward and forward+backward, head_dim 64 and 128), at
+# 512 the forward passes tie and blockwise's forward+backward is 0.6-0.7x xla's.
+AUTO_XLA_MAX_LOGITS = 384 * 384
 
 
 # ------------------------------------------------------------------ validation
@@ -387,7 +388,7 @@ def dot_product_attention(
       segment_ids: integer `[B, L]` (self-attention, `Lq == Lk`) or a pair
         `(q_segment_ids [B, Lq], k_segment_ids [B, Lk])`.
       implementation: "auto" (default: pallas on a GPU backend when the terms are ones it
-        supports; elsewhere xla while the logits fit one block, blockwise beyond;
+        supports; elsewhere xla up to `AUTO_XLA_MAX_LOGITS` logits, blockwise beyond;
         `resolve_implementation`), "xla", "blockwise" or "pallas" (the fused kernels of
         `_pallas.py`: bias_fn, causal, segment_ids, mask, positions, GQA and
         rope_frequencies evaluated inside them; relative_terms, token_bias and
