@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jax_posenc import _checks
 from jax_posenc._angles import ANGLE_PRECISIONS, rotation_cos_sin
@@ -316,13 +317,34 @@ def _inv_freq_rotary_dim(inv_freq, rotary_dim: int | None, x: jax.Array) -> int:
 
 
 def _tables(positions: jax.Array, inv_freq, attention_factor, angle_precision: str):
-    """cos/sin `[B|1, S, H|1, n]` for positions `[B|1, S]`."""
-    cos, sin = rope_cos_sin(
-        positions, inv_freq, attention_factor=attention_factor, angle_precision=angle_precision
-    )
-    if jnp.ndim(inv_freq) == 1:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return cos, sin
+    """cos/sin `[B|1, S, H|1, n]` for positions `[B|1, S]`.
+
+    Rows of `[B, S]` positions that are all the same (an arange broadcast over the
+    batch, as models pass them) get one row's tables, shared by the batch: the exact
+    angles are costly (bfloat16 [4, 2048, 16, 128] on a 2-core CPU: 1.21x the time of a
+    copy with a table per row, 1.12x with one). Concrete positions are compared on the
+    host, traced ones by a `lax.cond`.
+    """
+
+    def tables(rows):
+        cos, sin = rope_cos_sin(
+            rows, inv_freq, attention_factor=attention_factor, angle_precision=angle_precision
+        )
+        if jnp.ndim(inv_freq) == 1:
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        return cos, sin
+
+    batch = positions.shape[0]
+    if batch == 1 or positions.shape[1] == 0:
+        return tables(positions)
+    if _checks.is_concrete(positions):
+        rows = np.asarray(positions)
+        return tables(positions[:1] if (rows == rows[:1]).all() else positions)
+
+    def shared(rows):
+        return jax.tree.map(lambda t: jnp.broadcast_to(t, (batch, *t.shape[1:])), tables(rows[:1]))
+
+    return lax.cond(jnp.all(positions == positions[:1]), shared, tables, positions)
 
 
 def _default_seq_len(*positions: jax.Array) -> SeqLen:

@@ -169,6 +169,25 @@ class RopeVariantsTest(parameterized.TestCase):
         per_row = self.variant(jax.vmap(lambda x, p: pe.apply_rope(x[None], p)[0]))
         np.testing.assert_allclose(per_row(x, positions), pe.apply_rope(x, positions), atol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rows_of_positions_alike_or_not_rotate_each_row_by_its_own(self):
+        # Alike rows share one row's cos/sin tables (a host check for concrete positions,
+        # a cond under jit); rows that differ in a single entry must not.
+        x = _normal((3, 10, 2, 8))
+        alike = np.tile(np.arange(10, dtype=np.int32) + 1000, (3, 1))
+        one_differs = alike.copy()
+        one_differs[2, 9] = 5
+        rope = self.variant(lambda x, p: pe.apply_rope(x, p, layout="interleaved"))
+        for positions in (alike, one_differs, jnp.asarray(one_differs)):
+            expected = [
+                rope_reference(x[b : b + 1], np.asarray(positions)[b], plain_inv_freq(8),
+                               layout="interleaved")
+                for b in range(3)
+            ]  # fmt: skip
+            np.testing.assert_allclose(
+                rope(x, positions), np.concatenate(expected), atol=2e-5, err_msg=str(positions)
+            )
+
 
 # ---------------------------------------------------------------- properties
 
