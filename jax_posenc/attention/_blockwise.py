@@ -375,9 +375,22 @@ def _blockwise_attention(
     return _merge_blocks(out, 2)
 
 
-def _blockwise_attention_fwd(tiling, *args):
+def _is_primal(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _blockwise_attention_fwd(tiling, *wrapped):
+    """With `symbolic_zeros`: every argument comes as a `CustomVJPPrimal`. Which hoisted
+    constants of the positional terms need a gradient (`perturbed`: learned tables and
+    weights do, ALiBi's fixed slopes or a frozen table do not) travels to the backward
+    pass as the shapes of zero-size flags, `(0,)` yes and `(0, 0)` no, so it computes no
+    gradient nobody asked for (one more pass over each block for ALiBi's slopes)."""
+    args = jax.tree.map(lambda x: x.value, wrapped, is_leaf=_is_primal)
+    wanted = jax.tree.map(
+        lambda x: jnp.zeros((0,) if x.perturbed else (0, 0)), wrapped[-1], is_leaf=_is_primal
+    )
     out, log_normalizer = _blockwise_forward(tiling, *args)
-    return _merge_blocks(out, 2), (args, out, log_normalizer)
+    return _merge_blocks(out, 2), (args, out, log_normalizer, wanted)
 
 
 def _blockwise_attention_bwd(tiling, residuals, d_out):
@@ -386,8 +399,20 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     constants of the positional terms) from `jax.vjp` of the same per-block functions
     as the forward. Per-token arrays get per-block gradients, accumulated like those of
     q (over key blocks) and k (over query blocks)."""
-    args, out, log_normalizer = residuals
+    args, out, log_normalizer, wanted = residuals
     q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts = args
+    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+        return (None,) * len(args)
+    # Constants that need no gradient enter the per-block functions as fixed values.
+    const_leaves, const_tree = jax.tree.flatten(consts)
+    live = [flag.ndim == 1 for flag in jax.tree.leaves(wanted)]
+    live_consts = [c for c, keep in zip(const_leaves, live, strict=True) if keep]
+
+    def all_consts(live_values):
+        values = iter(live_values)
+        leaves = [next(values) if keep else c for c, keep in zip(const_leaves, live, strict=True)]
+        return jax.tree.unflatten(const_tree, leaves)
+
     d_out = _split_blocks(d_out, 2, tiling.q_block)  # [nq, B, H, bq, Dv]
     # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
     d_out_dot_out = jnp.sum(d_out * out, axis=-1)  # [nq, B, H, bq]
@@ -405,19 +430,21 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
         def step(grads, block, j, full):
             dq_i, d_q_extra_i, dk, dv, d_k_extra, d_content_bias, d_consts = grads
 
-            def logits_of(q_i, k_j, q_extra_i, k_extra_j, content_bias, consts):
+            def logits_of(q_i, k_j, q_extra_i, k_extra_j, content_bias, live_consts):
+                consts = all_consts(live_consts)
                 terms = _bind_terms(tiling, content_bias, consts, values_transposed=True)
                 replaced = block._replace(q=q_i, k=k_j, q_extra=q_extra_i, k_extra=k_extra_j)
                 return masked_logits(replaced, _full_terms(terms, full))
 
-            def values_of(weights, v_j, consts):
+            def values_of(weights, v_j, live_consts):
+                consts = all_consts(live_consts)
                 terms = _bind_terms(tiling, content_bias, consts, values_transposed=True)
                 return weighted_values(weights, block._replace(v=v_j), terms)
 
-            primals = (block.q, block.k, block.q_extra, block.k_extra, content_bias, consts)
+            primals = (block.q, block.k, block.q_extra, block.k_extra, content_bias, live_consts)
             logits, logits_vjp = jax.vjp(logits_of, *primals)
             weights = jnp.exp(logits - log_normalizer_i[..., None])
-            _, values_vjp = jax.vjp(values_of, weights, block.v, consts)
+            _, values_vjp = jax.vjp(values_of, weights, block.v, live_consts)
             d_weights, dv_j, d_consts_values = values_vjp(d_out_i)
             d_logits = weights * (d_weights - d_out_dot_out_i[..., None])
             dq_ij, dk_j, d_q_extra_ij, d_k_extra_j, d_content_bias_j, d_consts_logits = logits_vjp(
@@ -442,7 +469,9 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
         )
         return tuple(grads), (dq_i, d_q_extra_i)
 
-    initial = _float32_zeros((k_blocks, v_blocks, k_extra_blocks, content_bias, consts), anchor)
+    initial = _float32_zeros(
+        (k_blocks, v_blocks, k_extra_blocks, content_bias, live_consts), anchor
+    )
     q_inputs = _query_inputs(tiling, q, q_pos, q_seg, q_extra)
     inputs = (q_inputs, schedule, d_out, log_normalizer, d_out_dot_out)
     (dk, dv, d_k_extra, d_content_bias, d_consts), (dq, d_q_extra) = lax.scan(
@@ -456,13 +485,18 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     q_grad, k_grad, v_grad, q_extra_grad, k_extra_grad, bias_grad = jax.tree.map(
         _cotangent, (*merged, d_content_bias), (q, k, v, q_extra, k_extra, content_bias)
     )
-    const_grads = jax.tree.map(_cotangent, d_consts, consts)
+    d_consts = iter(d_consts)
+    const_grads = jax.tree.unflatten(
+        const_tree,
+        [_cotangent(next(d_consts), c) if keep else None
+         for c, keep in zip(const_leaves, live, strict=True)],
+    )  # fmt: skip
     # Positions, segment ids and the mask are integer or boolean: zero cotangents.
     return (q_grad, k_grad, v_grad, bias_grad, q_extra_grad, k_extra_grad,
             None, None, None, None, None, const_grads)  # fmt: skip
 
 
-_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
+_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd, symbolic_zeros=True)
 
 
 def blockwise(
