@@ -508,5 +508,8 @@ def dot_product_attention(
         block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *extra)
         out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
     else:
-        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks, extra)
+        # Queries and the output token-major (see `blockwise`); XLA cancels the two turns.
+        out = blockwise(heads_first(q), k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks,
+                        extra)  # fmt: skip
+        return out.astype(q.dtype)
     return heads_first(out).astype(q.dtype)
