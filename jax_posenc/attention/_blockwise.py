@@ -215,20 +215,33 @@ def _with_query_block(tiling: _Tiling, q_inputs, q):
     return (index, _token_block(tiling, q, index), *rest)
 
 
-def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg, k_extra, values_transposed=False):
-    """What the loops over key blocks read, each `[nk, ...]`: blocks, ids, per-token
-    arrays, padding flags. `k` is `[B, Hkv, D, L]`, `v` `[B, Hkv, L, Dv]` or, if
-    `values_transposed`, `[B, Hkv, Dv, L]`."""
-    k_block, k_pad = tiling.k_block, k.shape[3]
+def _key_inputs(tiling: _Tiling, k, v, k_pos, k_seg, k_extra):
+    """What the loops over key blocks read: `k` and `v` `[B, Lk, Hkv, D]` whole (see
+    `_key_block`), then ids, per-token arrays and padding flags split `[nk, ...]`."""
+    k_block, k_pad = tiling.k_block, k.shape[1]
     pos, seg = _split_blocks(k_pos, 1, k_block), _split_blocks(k_seg, 1, k_block)
     valid = None
     if k_pad != tiling.k_len:
         valid = _split_blocks(jnp.arange(k_pad) < tiling.k_len, 0, k_block)
-    blocks = (
-        _split_blocks(k, 3, k_block),
-        _split_blocks(v, 3 if values_transposed else 2, k_block),
-    )
-    return (*blocks, pos, seg, _split_extra(k_extra, k_block), valid)
+    return (k, v, pos, seg, _split_extra(k_extra, k_block), valid)
+
+
+def _key_block(tiling: _Tiling, x: jax.Array, index, transposed: bool) -> jax.Array:
+    """Key block `index` of a token-major `[B, Lk, Hkv, D]` array as `[B, Hkv, bk, D]`,
+    or `[B, Hkv, D, bk]` if `transposed`. Turned in the loop like the query blocks: XLA's
+    CPU backend turns a 128k-entry block in cache ~7x faster per byte than it splits
+    and turns a whole array up front (`_token_block`)."""
+    block = lax.dynamic_slice_in_dim(x, index * tiling.k_block, tiling.k_block, 1)
+    return jnp.transpose(block, (0, 2, 3, 1) if transposed else (0, 2, 1, 3))
+
+
+def _add_key_block(tiling: _Tiling, total: jax.Array, index, block: jax.Array, transposed: bool):
+    """`total[:, block index] += block` for `total` `[B, Lk, Hkv, D]` float32 and a
+    block laid out as `_key_block` returns it."""
+    block = jnp.transpose(block, (0, 3, 1, 2) if transposed else (0, 2, 1, 3)).astype(_F32)
+    start = index * tiling.k_block
+    current = lax.dynamic_slice_in_dim(total, start, tiling.k_block, 1)
+    return lax.dynamic_update_slice_in_dim(total, current + block, start, 1)
 
 
 class _Schedule(NamedTuple):
@@ -300,7 +313,9 @@ def _schedule(tiling: _Tiling, q_pos, k_pos, q_seg, k_seg, mask) -> _Schedule | 
     return _Schedule(order, count(0), count(1))
 
 
-def _loop_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, schedule):
+def _loop_key_blocks(
+    tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, schedule, values_transposed=False
+):
     """`carry = step(carry, block, j, full)` over the non-empty key blocks `j` of one
     query block: first the full ones (`block` then carries no segment ids, mask or
     padding flags, and `full` is True: the logits need no mask), then the partial ones.
@@ -311,10 +326,13 @@ def _loop_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, sch
     """
     index, q_i, q_pos_i, q_seg_i, q_extra_i = q_inputs
     mask_i = _slice_mask(mask, 2, index, tiling.q_block)
-    num_k = k_inputs[0].shape[0]
+    k, v, *split = k_inputs
+    num_k = k.shape[1] // tiling.k_block
 
     def visit(carry, j, full):
-        k_j, v_j, k_pos_j, k_seg_j, k_extra_j, valid_j = jax.tree.map(lambda x: x[j], k_inputs)
+        k_pos_j, k_seg_j, k_extra_j, valid_j = jax.tree.map(lambda x: x[j], split)
+        k_j = _key_block(tiling, k, j, transposed=True)
+        v_j = _key_block(tiling, v, j, transposed=values_transposed)
         if full:
             block = Block(q_i, k_j, v_j, q_pos_i, k_pos_j, None, None, None, None,
                           q_extra_i, k_extra_j)  # fmt: skip
@@ -377,8 +395,8 @@ def _blockwise_attention(
 ):
     """Online-softmax attention over (query block, key block) pairs; see the module doc.
 
-    Every array it reads is an argument (q `[B, L, H, D]` token-major, v `[B, H, L, D]`
-    and k `[B, H, D, L]` (transposed, see `blockwise`), padded to whole blocks,
+    Every array it reads is an argument (q, k, v `[B, L, H or Hkv, D]` token-major (see
+    `blockwise`), padded to whole blocks,
     their per-token arrays (`PerToken`: token-bias values, alternate q and k), positions
     and segment ids `[B or 1, L]`, the mask, the hoisted constants of the positional terms),
     so it composes with jit at any depth, checkpoint, scan and vmap.
@@ -432,10 +450,9 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
     d_out_dot_out = jnp.sum(d_out.astype(_F32) * out, axis=-1)[..., None]  # [B, Lq, H, 1]
     # Values transposed too: the products d_out v^T and p^T d_out then need no
-    # per-block transpose; dk and dv are accumulated as [.., Dv, bk] and turned once.
-    v_transposed = jnp.swapaxes(v, 2, 3)
-    k_inputs = _key_inputs(tiling, k, v_transposed, k_pos, k_seg, k_extra, values_transposed=True)
-    k_blocks, v_blocks, k_extra_blocks = k_inputs[0], k_inputs[1], k_inputs[4]
+    # per-block transpose of the [bq, bk] blocks.
+    k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
+    k_extra_blocks = k_inputs[4]
     schedule = _schedule(tiling, q_pos, k_pos, q_seg, k_seg, mask)
     anchor = _anchor(args, d_out)
 
@@ -473,8 +490,8 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
             return (
                 dq_i + dq_ij.astype(_F32),
                 _add_float32(d_q_extra_i, d_q_extra_ij),
-                add_at_j(dk, dk_j),
-                add_at_j(dv, dv_j),
+                _add_key_block(tiling, dk, j, dk_j, transposed=True),
+                _add_key_block(tiling, dv, j, dv_j, transposed=True),
                 jax.tree.map(add_at_j, d_k_extra, d_k_extra_j),
                 _add_float32(d_content_bias, d_content_bias_j),
                 _add_float32(_add_float32(d_consts, d_consts_logits), d_consts_values),
@@ -483,13 +500,11 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
         q_i, q_extra_i = q_inputs[1], q_inputs[4]
         carry = (*_float32_zeros((q_i, q_extra_i), anchor), *grads)
         dq_i, d_q_extra_i, *grads = _loop_key_blocks(
-            tiling, step, carry, q_inputs, k_inputs, mask, schedule_i
+            tiling, step, carry, q_inputs, k_inputs, mask, schedule_i, values_transposed=True
         )
         return tuple(grads), (heads_first(dq_i), d_q_extra_i)
 
-    initial = _float32_zeros(
-        (k_blocks, v_blocks, k_extra_blocks, content_bias, live_consts), anchor
-    )
+    initial = _float32_zeros((k, v, k_extra_blocks, content_bias, live_consts), anchor)
     q_inputs = _query_inputs(tiling, q, q_pos, q_seg, q_extra)
     inputs = (q_inputs, schedule, log_normalizer)
     (dk, dv, d_k_extra, d_content_bias, d_consts), (dq, d_q_extra) = lax.scan(
@@ -497,7 +512,6 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     )
     dq = _merge_blocks(dq, 1)
     d_q_extra, d_k_extra = jax.tree.map(lambda x: _merge_blocks(x, 2), (d_q_extra, d_k_extra))
-    dk, dv = _merge_blocks(dk, 3), jnp.swapaxes(_merge_blocks(dv, 3), 2, 3)
     merged = (dq, dk, dv, d_q_extra, d_k_extra)
     q_grad, k_grad, v_grad, q_extra_grad, k_extra_grad, bias_grad = jax.tree.map(
         _cotangent, (*merged, d_content_bias), (q, k, v, q_extra, k_extra, content_bias)
@@ -522,12 +536,14 @@ def blockwise(
 ):  # fmt: skip
     """Pads to whole blocks, hoists the positional terms and runs `_blockwise_attention`.
 
-    `q` `[B, Lq, H, D]` is token-major, as the caller has it, and so is the result
-    `[B, Lq, H, Dv]` float32 (each query block is turned heads-first inside the loop);
-    `k` and `v` `[B, Hkv, Lk, D]` and the per-token arrays `extra` `(of the queries, of
-    the keys)` are heads-first."""
+    `q` `[B, Lq, H, D]`, `k` and `v` `[B, Lk, Hkv, D]` are token-major, as the caller
+    has them, and so is the result `[B, Lq, H, Dv]` float32: each block is turned
+    heads-first inside the loops (keys transposed, `[B, Hkv, D, bk]`, so the product
+    q k^T is a plain matrix product and its cotangent for the keys needs no transposed
+    copy of the [bq, bk] block). The per-token arrays `extra` `(of the queries, of the
+    keys)` are heads-first."""
     batch, q_len, heads, dim = q.shape
-    k_len = k.shape[2]
+    k_len = k.shape[1]
     q_block, k_block = min(block_size[0], q_len), min(block_size[1], k_len)
     q_pad, k_pad = -(-q_len // q_block) * q_block, -(-k_len // k_block) * k_block
     # Padded queries are dropped at the end; padded keys are masked out (`k_len`).
@@ -536,7 +552,7 @@ def blockwise(
     q_pos, q_seg = (_pad_axis(x, 1, q_pad, "edge") for x in (q_pos, q_seg))
     k_pos, k_seg = (_pad_axis(x, 1, k_pad, "edge") for x in (k_pos, k_seg))
     q = _pad_axis(q, 1, q_pad, "edge")
-    k, v = (_pad_axis(x, 2, k_pad, "edge") for x in (k, v))
+    k, v = (_pad_axis(x, 1, k_pad, "edge") for x in (k, v))
     mask = _pad_axis(_pad_axis(mask, 2, q_pad, "false"), 3, k_pad, "false")
     q_extra, k_extra = (
         jax.tree.map(lambda x, size=size: _pad_axis(x, 2, size, "edge"), tree)
@@ -569,13 +585,8 @@ def blockwise(
         strict=True,
     )
     tiling = _Tiling(terms.scale, terms.causal, q_block, k_block, k_len, *functions)
-    # Keys enter transposed, [B, Hkv, D, L]: the product q k^T of every block is then a
-    # plain matrix product and its cotangent for the keys comes out as [.., D, bk]
-    # without transposing the [bq, bk] block (XLA's CPU backend otherwise copies that
-    # block transposed for every step of the backward pass).
-    k_transposed = jnp.swapaxes(k, 2, 3)
     out = _blockwise_attention(
-        tiling, q, k_transposed, v, relative.content_bias, q_extra, k_extra, q_pos, k_pos,
+        tiling, q, k, v, relative.content_bias, q_extra, k_extra, q_pos, k_pos,
         q_seg, k_seg, mask, consts,
     )  # fmt: skip
     return out[:, :q_len]

@@ -508,8 +508,8 @@ def dot_product_attention(
         block = Block(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, None, *extra)
         out = finalize(accumulate(init_softmax(q, v.shape[-1]), block, terms))
     else:
-        # Queries and the output token-major (see `blockwise`); XLA cancels the two turns.
-        out = blockwise(heads_first(q), k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks,
-                        extra)  # fmt: skip
+        # q, k, v and the output token-major (see `blockwise`); XLA cancels the turns.
+        q, k, v = (heads_first(x) for x in (q, k, v))
+        out = blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, mask, terms, blocks, extra)
         return out.astype(q.dtype)
     return heads_first(out).astype(q.dtype)
