@@ -332,6 +332,12 @@ def test_causal_blockwise_skips_blocks_above_the_diagonal():
     assert sorted(calls) == sorted(below_diagonal * 2)
 
     calls.clear()
+    # A boolean causal mask (as Flax's `make_causal_mask` gives) skips the same blocks.
+    lower = np.tril(np.ones((32, 32), bool))[None, None]
+    jax.block_until_ready(jax.jit(lambda q, k, v: run(q, k, v, mask=lower))(q, k, v))
+    assert sorted(calls) == below_diagonal
+
+    calls.clear()
     segments = np.array([[0] * 16 + [1] * 16], np.int32)
     jax.block_until_ready(jax.jit(lambda q, k, v: run(q, k, v, segment_ids=segments))(q, k, v))
     # Two documents of two blocks each: the 8 pairs across documents are skipped.

@@ -175,7 +175,7 @@ def test_t5_causal_mode_allows_two_buckets():
 _BLOCK_LAYOUTS = {
     "contiguous": (np.arange(5, 17)[None], np.arange(0, 9)[None]),
     "contiguous_single_query": (np.array([[300]]), np.arange(280, 310)[None]),
-    "contiguous_default_block": (np.arange(256, 768)[None], np.arange(0, 256)[None]),
+    "contiguous_many_rows": (np.arange(100, 260)[None], np.arange(0, 96)[None]),
     "far_apart": (1000 + np.arange(6)[None], np.arange(10)[None]),
     "far_ahead": (np.arange(6)[None], 700 + np.arange(10)[None]),
     "straddles_max_distance": (np.arange(120, 140)[None], np.arange(0, 12)[None]),
