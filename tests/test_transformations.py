@@ -160,21 +160,19 @@ def _assert_close(got, want, tolerance=2e-5):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tolerance * scale, rtol=0)
 
 
-# Every blockwise cell (the custom VJP) runs the transformations that exercise its
-# arguments (jit inside and outside grad, checkpoint, scan over layers); the xla cells
-# run them for one encoding per kind of positional term (an additive bias with and
-# without learned parameters, a query transform, relative terms, a token bias, an
-# alternate q/k pair). The other four transformations run in the default suite on the
-# blockwise path for those encodings. Everything else is under `pytest -m slow`: each
-# transformation is a separate compile, and the full matrix alone took half the suite.
+# Every cell runs the transformations that exercise the custom VJP's arguments (jit
+# inside and outside grad, checkpoint, scan over layers). The other four run in the
+# default suite on the blockwise path (the custom VJP) for one encoding per kind of
+# positional term (an additive bias with and without learned parameters, a query
+# transform, relative terms, a token bias, an alternate q/k pair), and for the rest and
+# for the xla path under `pytest -m slow`: each transformation is a separate compile,
+# and the full matrix alone took half the suite.
 CORE_TRANSFORMS = ("jit(grad(jit))", "grad(checkpoint)", "grad(scan(checkpoint))")
 REPRESENTATIVES = {"alibi", "t5", "rope", "transformer_xl", "fox", "selfextend"}
 
 
 def _in_default_suite(encoding: str, implementation: str, group: str) -> bool:
-    if group == "core":  # the xla path has no custom VJP: its core cells for one per kind
-        return implementation == "blockwise" or encoding in REPRESENTATIVES
-    return encoding in REPRESENTATIVES and implementation == "blockwise"
+    return group == "core" or (encoding in REPRESENTATIVES and implementation == "blockwise")
 
 
 MATRIX = [
