@@ -162,29 +162,27 @@ def _assert_close(got, want, tolerance=2e-5):
 
 # Every cell runs the transformations that exercise the custom VJP's arguments (jit
 # inside and outside grad, checkpoint, scan over layers). The other four run in the
-# default suite on the blockwise path (the custom VJP) for one encoding per kind of
-# positional term (an additive bias with and without learned parameters, a query
-# transform, relative terms, a token bias, an alternate q/k pair), and for the rest and
-# for the xla path under `pytest -m slow`: each transformation is a separate compile,
-# and the full matrix alone took half the suite.
+# default suite for one encoding per kind of positional term (an additive bias with
+# and without learned parameters, a query transform, relative terms, a token bias, an
+# alternate q/k pair, a combination) and for the rest under `pytest -m slow`: each
+# transformation is a separate compile, and the full matrix alone took half the suite.
 CORE_TRANSFORMS = ("jit(grad(jit))", "grad(checkpoint)", "grad(scan(checkpoint))")
-REPRESENTATIVES = {"alibi", "t5", "rope", "transformer_xl", "fox", "selfextend"}
-
-
-def _in_default_suite(encoding: str, implementation: str, group: str) -> bool:
-    return group == "core" or (encoding in REPRESENTATIVES and implementation == "blockwise")
-
-
+REPRESENTATIVES = {"alibi", "t5", "rope", "transformer_xl", "fox", "selfextend", "rope+t5"}
 MATRIX = [
+    pytest.param(encoding, implementation, group, id=f"{encoding}-{implementation}-{group}")
+    for encoding, implementation in CELLS
+    for group in ("core", "rest")
+    if not (group == "rest" and encoding not in REPRESENTATIVES)
+] + [
     pytest.param(
         encoding,
         implementation,
-        group,
-        marks=() if _in_default_suite(encoding, implementation, group) else pytest.mark.slow,
-        id=f"{encoding}-{implementation}-{group}",
+        "rest",
+        marks=pytest.mark.slow,
+        id=f"{encoding}-{implementation}-rest",
     )
     for encoding, implementation in CELLS
-    for group in ("core", "rest")
+    if encoding not in REPRESENTATIVES
 ]
 
 
