@@ -359,7 +359,8 @@ def _full_terms(terms: Terms, full: bool) -> Terms:
 def _blockwise_forward(
     tiling, q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
 ):
-    """Output blocks `[nq, B, bq, H, Dv]` and log-normalizers `[nq, B, H, bq]`."""
+    """Output blocks `[nq, B, bq, H, Dv]`, log-normalizers `[nq, B, H, bq]` and the
+    `_Schedule` (kept for the backward pass, which visits the same blocks)."""
     terms = _bind_terms(tiling, content_bias, consts)
     k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
     schedule = _schedule(tiling, q_pos, k_pos, q_seg, k_seg, mask)
@@ -386,7 +387,8 @@ def _blockwise_forward(
         return heads_first(finalize(state)), log_normalizer(state)
 
     q_inputs = _query_inputs(tiling, q, q_pos, q_seg, q_extra)
-    return lax.map(one_query_block, (q_inputs, schedule))
+    out, log_normalizers = lax.map(one_query_block, (q_inputs, schedule))
+    return out, log_normalizers, schedule
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -402,7 +404,7 @@ def _blockwise_attention(
     so it composes with jit at any depth, checkpoint, scan and vmap.
     Returns `[B, Lq_padded, H, Dv]` float32.
     """
-    out, _ = _blockwise_forward(
+    out, _, _ = _blockwise_forward(
         tiling, q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
     )
     return _merge_blocks(out, 1)
@@ -422,9 +424,9 @@ def _blockwise_attention_fwd(tiling, *wrapped):
     wanted = jax.tree.map(
         lambda x: jnp.zeros((0,) if x.perturbed else (0, 0)), wrapped[-1], is_leaf=_is_primal
     )
-    out, log_normalizer = _blockwise_forward(tiling, *args)
+    out, log_normalizer, schedule = _blockwise_forward(tiling, *args)
     out = _merge_blocks(out, 1)
-    return out, (args, out, log_normalizer, wanted)
+    return out, (args, out, log_normalizer, schedule, wanted)
 
 
 def _blockwise_attention_bwd(tiling, residuals, d_out):
@@ -433,7 +435,7 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
     constants of the positional terms) from `jax.vjp` of the same per-block functions
     as the forward. Per-token arrays get per-block gradients, accumulated like those of
     q (over key blocks) and k (over query blocks)."""
-    args, out, log_normalizer, wanted = residuals
+    args, out, log_normalizer, schedule, wanted = residuals
     q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts = args
     if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
         return (None,) * len(args)
@@ -449,11 +451,8 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
 
     # sum_j p_ij dp_ij = d_out_i . out_i, since out_i is linear in row i of p.
     d_out_dot_out = jnp.sum(d_out.astype(_F32) * out, axis=-1)[..., None]  # [B, Lq, H, 1]
-    # Values transposed too: the products d_out v^T and p^T d_out then need no
-    # per-block transpose of the [bq, bk] blocks.
     k_inputs = _key_inputs(tiling, k, v, k_pos, k_seg, k_extra)
     k_extra_blocks = k_inputs[4]
-    schedule = _schedule(tiling, q_pos, k_pos, q_seg, k_seg, mask)
     anchor = _anchor(args, d_out)
 
     def one_query_block(grads, inputs):
@@ -499,6 +498,8 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
 
         q_i, q_extra_i = q_inputs[1], q_inputs[4]
         carry = (*_float32_zeros((q_i, q_extra_i), anchor), *grads)
+        # Values transposed too: the products d_out v^T and p^T d_out then need no
+        # per-block transpose of the [bq, bk] blocks.
         dq_i, d_q_extra_i, *grads = _loop_key_blocks(
             tiling, step, carry, q_inputs, k_inputs, mask, schedule_i, values_transposed=True
         )
