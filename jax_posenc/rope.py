@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -316,14 +317,23 @@ def _inv_freq_rotary_dim(inv_freq, rotary_dim: int | None, x: jax.Array) -> int:
     return _resolve_rotary_dim(implied, x.shape[-1])
 
 
-def _tables(positions: jax.Array, inv_freq, attention_factor, angle_precision: str):
-    """cos/sin `[B|1, S, H|1, n]` for positions `[B|1, S]`.
+def _tables(
+    positions: jax.Array,
+    inv_freq,
+    attention_factor,
+    angle_precision: str,
+    use: Callable[[jax.Array, jax.Array], Any] | None = None,
+):
+    """cos/sin `[B|1, S, H|1, n]` for positions `[B|1, S]`, or `use(cos, sin)`.
 
     Rows of `[B, S]` positions that are all the same (an arange broadcast over the
     batch, as models pass them) get one row's tables, shared by the batch: the exact
     angles are costly (bfloat16 [4, 2048, 16, 128] on a 2-core CPU: 1.21x the time of a
     copy with a table per row, 1.12x with one). Concrete positions are compared on the
-    host, traced ones by a `lax.cond`.
+    host, traced ones by a `lax.cond`. Given `use` (which must accept tables of batch 1
+    or B), the cond returns `use(cos, sin)` from each branch, so the shared branch never
+    materialises its table for every row (`apply_rope` in bfloat16 at the shape above:
+    1.25x -> 1.13x a copy); without it, the shared branch broadcasts its tables.
     """
 
     def tables(rows):
@@ -334,17 +344,22 @@ def _tables(positions: jax.Array, inv_freq, attention_factor, angle_precision: s
             cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         return cos, sin
 
+    def finish(rows):
+        return tables(rows) if use is None else use(*tables(rows))
+
     batch = positions.shape[0]
     if batch == 1 or positions.shape[1] == 0:
-        return tables(positions)
+        return finish(positions)
     if _checks.is_concrete(positions):
         rows = np.asarray(positions)
-        return tables(positions[:1] if (rows == rows[:1]).all() else positions)
+        return finish(positions[:1] if (rows == rows[:1]).all() else positions)
 
     def shared(rows):
+        if use is not None:
+            return finish(rows[:1])
         return jax.tree.map(lambda t: jnp.broadcast_to(t, (batch, *t.shape[1:])), tables(rows[:1]))
 
-    return lax.cond(jnp.all(positions == positions[:1]), shared, tables, positions)
+    return lax.cond(jnp.all(positions == positions[:1]), shared, finish, positions)
 
 
 def _default_seq_len(*positions: jax.Array) -> SeqLen:
@@ -451,8 +466,11 @@ def apply_rope(
             raise ValueError("pass either inv_freq or base/scaling, not both")
         _inv_freq_rotary_dim(inv_freq, rotary_dim, x)
         attention_factor = 1.0 if attention_factor is None else attention_factor
-    cos, sin = _tables(rows, inv_freq, attention_factor, angle_precision)
-    return _rotate(x, cos, sin, layout)
+
+    def rotate(cos, sin):
+        return _rotate(x, cos, sin, layout)
+
+    return _tables(rows, inv_freq, attention_factor, angle_precision, use=rotate)
 
 
 def apply_rope_qk(
