@@ -188,6 +188,22 @@ class RopeVariantsTest(parameterized.TestCase):
                 rope(x, positions), np.concatenate(expected), atol=2e-5, err_msg=str(positions)
             )
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gradient_through_alike_or_differing_rows_is_the_rotation_back(self):
+        # The rotation is orthogonal: the gradient of sum(w * rope(x, p)) for x is w
+        # rotated by -p, row by row, whichever branch of the alike-rows cond runs.
+        x, weights = _normal((3, 10, 2, 8)), _normal((3, 10, 2, 8), seed=1)
+        alike = np.tile(np.arange(10, dtype=np.int32) + 1000, (3, 1))
+        one_differs = alike.copy()
+        one_differs[1, 4] = 17
+        loss = lambda x, p: jnp.sum(pe.apply_rope(x, p) * weights)  # noqa: E731
+        gradient = self.variant(jax.grad(loss))
+        for positions in (alike, one_differs):
+            want = rope_reference(weights, -positions.astype(np.float64), plain_inv_freq(8))
+            np.testing.assert_allclose(
+                gradient(x, jnp.asarray(positions)), want, atol=2e-5, err_msg=str(positions)
+            )
+
 
 # ---------------------------------------------------------------- properties
 
