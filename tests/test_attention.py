@@ -226,6 +226,7 @@ def _shuffled_blocks(length, block, seed=0):
 
 _SHUFFLED = _shuffled_blocks(23, 4)
 
+_MASK_OFFSET_CAUSAL = {"mask": "random", "offset": 3, "causal": True}
 BLOCKWISE_CASES = {
     # name: (batch, q_len, k_len, heads, kv_heads, block_size, term, extra kwargs)
     "alibi_causal_odd_length": (2, 37, 37, 4, 4, 8, "alibi", {"causal": True}),
@@ -235,6 +236,19 @@ BLOCKWISE_CASES = {
     "alibi_cross_lengths_mask": (2, 13, 21, 2, 2, (4, 8), "alibi", {"mask": "random", "offset": 3}),
     "alibi_shuffled_positions_causal": (2, 23, 23, 2, 2, 4, "alibi", {"shuffled": True}),
     "no_term_single_block": (1, 6, 6, 2, 2, 64, None, {"causal": True}),
+    # Query blocks of twice (or four times) the key block: half-row visits.
+    "alibi_causal_half_rows_gqa": (2, 37, 37, 4, 2, (8, 4), "alibi", {"causal": True}),
+    "shaw_segments_half_rows": (
+        2,
+        24,
+        24,
+        2,
+        2,
+        (8, 4),
+        "shaw",
+        {"segments": True, "causal": True},
+    ),
+    "table_mask_offset_half_rows": (2, 13, 21, 2, 2, (8, 2), "table", _MASK_OFFSET_CAUSAL),
 }
 
 
@@ -343,6 +357,44 @@ def test_causal_blockwise_skips_blocks_above_the_diagonal():
     # Two documents of two blocks each: the 8 pairs across documents are skipped.
     # (Positions restart per segment, so key block 2 starts at position 0 again.)
     assert len(calls) == 8
+
+
+def test_causal_blockwise_visits_only_the_live_half_of_a_query_block():
+    # Query blocks of 8 over key blocks of 4: in key block 2i + 1 (keys 8i + 4 ..) the
+    # upper four queries of block i (8i .. 8i + 3) see nothing, so the pair is visited
+    # with the lower four rows only: 8i + 4 .. 8i + 7.
+    calls = []
+
+    def counting_bias(q_pos, k_pos):
+        jax.debug.callback(
+            lambda q0, k0, rows=q_pos.shape[1]: calls.append((int(q0), int(k0), rows)),
+            q_pos[0, 0],
+            k_pos[0, 0],
+        )
+        return jnp.zeros((1, 1, q_pos.shape[1], k_pos.shape[1]))
+
+    q, k, v = _qkv(1, 32, 32, 2, 2, 4)
+    run = functools.partial(
+        pe.dot_product_attention, bias_fn=counting_bias, implementation="blockwise",
+        block_size=(8, 4),
+    )  # fmt: skip
+    whole = [(8 * i, 4 * j, 8) for i in range(4) for j in range(2 * i + 1)]
+    halves = [(8 * i + 4, 8 * i + 4, 4) for i in range(4)]
+    jax.block_until_ready(jax.jit(lambda q, k, v: run(q, k, v, causal=True))(q, k, v))
+    assert sorted(calls) == sorted(whole + halves)
+    # 16 whole pairs of 8 x 4 logits and 4 halves of 4 x 4: 576 of the 1024 entries,
+    # against 640 without half-row visits (528 on or below the diagonal).
+    assert sum(rows * 4 for _, _, rows in calls) == 576
+
+    calls.clear()
+    grad = jax.jit(jax.grad(lambda q, k, v: run(q, k, v, causal=True).sum(), argnums=(0, 1, 2)))
+    jax.block_until_ready(grad(q, k, v))
+    assert sorted(calls) == sorted((whole + halves) * 2)
+
+    calls.clear()
+    lower = np.tril(np.ones((32, 32), bool))[None, None]
+    jax.block_until_ready(jax.jit(lambda q, k, v: run(q, k, v, mask=lower))(q, k, v))
+    assert sorted(calls) == sorted(whole + halves)
 
 
 def test_fully_masked_rows_give_zeros_and_finite_gradients_in_both_implementations():

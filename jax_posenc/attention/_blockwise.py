@@ -161,21 +161,28 @@ class _Tiling(NamedTuple):
     value_fn: Callable | None
     token_bias_fn: Callable | None
     alternate_select: Callable | None
+    # Half-row visits (see `_Schedule`): the row count, 0 when off, and the five
+    # functions hoisted again for blocks of that many query rows.
+    half_rows: int = 0
+    half_functions: tuple = (None,) * 5
 
 
-def _bind_terms(tiling: _Tiling, content_bias, consts, values_transposed=False) -> Terms:
-    """The per-block `Terms`; keys are always transposed (`[.., D, bk]`), values in the
-    backward pass only (see `blockwise`)."""
-    functions = (
+def _bind_terms(
+    tiling: _Tiling, content_bias, consts, values_transposed=False, half=False
+) -> Terms:
+    """The per-block `Terms` of whole query blocks, or of half-row visits (`half`);
+    `consts` is the pair (whole, half) of hoisted constants. Keys are always transposed
+    (`[.., D, bk]`), values in the backward pass only (see `blockwise`)."""
+    functions = tiling.half_functions if half else (
         tiling.bias_fn,
         tiling.query_bias_fn,
         tiling.value_fn,
         tiling.token_bias_fn,
         tiling.alternate_select,
-    )
+    )  # fmt: skip
     bound = [
         None if fn is None else functools.partial(_call_with, fn, extra)
-        for fn, extra in zip(functions, consts, strict=True)
+        for fn, extra in zip(functions, consts[1 if half else 0], strict=True)
     ]
     relative = RelativeTerms(bound[1], bound[2], content_bias)
     return Terms(
@@ -249,12 +256,18 @@ class _Schedule(NamedTuple):
     """Which key blocks each query block visits, and how (all `int32`).
 
     A pair of blocks is *empty* when it provably has no allowed entry, *full* when every
-    entry is allowed (its logits then need no mask), *partial* otherwise.
+    entry is allowed (its logits then need no mask), *partial* otherwise. With half-row
+    visits on (`_Tiling.half_rows`), a partial pair where one half of the query rows
+    has no allowed entry is a *half* pair: only the other half is visited. Causal
+    (512, 256) blocks give one per query block, the key block whose keys all come after
+    the upper half's queries (at 1k tokens 2 of 6 pairs, a sixth of the logits).
     """
 
-    order: jax.Array  # [nq, nk]: key blocks, the full ones first, then partial, then empty
+    order: jax.Array  # [nq, nk]: key blocks, full first, then partial, half, empty
     num_full: jax.Array  # [nq]
     num_partial: jax.Array  # [nq]
+    num_half: jax.Array | None  # [nq]; None when half-row visits are off
+    half_start: jax.Array | None  # [nq, nk]: first visited row of each half pair (0 or bq/2)
 
 
 def _mask_blocks(mask: jax.Array, q_block: int, k_block: int, shape: tuple[int, int]):
@@ -277,47 +290,84 @@ def _schedule(tiling: _Tiling, q_pos, k_pos, q_seg, k_seg, mask) -> _Schedule | 
     """The `_Schedule` of the block pairs; None when every pair is full (no causal mask,
     no segments, no mask array, no padded keys).
 
-    From per-block bounds over the whole batch: a pair is empty when causal and every
-    query position of the block is below every key position of the other (max q_pos <
-    min k_pos), when the ranges of segment ids are disjoint, or when the mask has no
-    True entry in it; it is full when causal allows every entry (min q_pos >= max
-    k_pos), both blocks hold one and the same segment, the mask is True throughout and
-    no key is padding. This holds for arbitrary positions; for arange positions the
-    empty pairs are exactly those above the diagonal and the partial ones those on it.
+    From per-block bounds over the whole batch (per half block of queries with half-row
+    visits on): rows are empty when causal and every query position among them is
+    below every key position of the key block (max q_pos < min k_pos), when the ranges
+    of segment ids are disjoint, or when the mask has no True entry in them; a pair is
+    full when causal allows every entry (min q_pos >= max k_pos), both blocks hold one
+    and the same segment, the mask is True throughout and no key is padding. This holds
+    for arbitrary positions; for arange positions the empty pairs are exactly those
+    above the diagonal and the partial ones those on it.
     """
     num_q = q_pos.shape[1] // tiling.q_block
     num_k = k_pos.shape[1] // tiling.k_block
     k_padded = num_k * tiling.k_block != tiling.k_len
     if not (tiling.causal or q_seg is not None or mask is not None or k_padded):
         return None
-    q_pos_min, q_pos_max = _bounds(_split_blocks(q_pos, 1, tiling.q_block))
+    rows = tiling.half_rows or tiling.q_block  # the query rows of one bound
+    groups = tiling.q_block // rows
+    q_pos_min, q_pos_max = _bounds(_split_blocks(q_pos, 1, rows))
     k_pos_min, k_pos_max = _bounds(_split_blocks(k_pos, 1, tiling.k_block))
-    empty = jnp.zeros((num_q, num_k), bool)
-    full = jnp.ones((num_q, num_k), bool)
+    empty = jnp.zeros((num_q * groups, num_k), bool)
+    full = jnp.ones((num_q * groups, num_k), bool)
     if tiling.causal:
         empty = empty | (q_pos_max[:, None] < k_pos_min[None, :])
         full = full & (q_pos_min[:, None] >= k_pos_max[None, :])
     if q_seg is not None:
-        q_lo, q_hi = _bounds(_split_blocks(q_seg, 1, tiling.q_block))
+        q_lo, q_hi = _bounds(_split_blocks(q_seg, 1, rows))
         k_lo, k_hi = _bounds(_split_blocks(k_seg, 1, tiling.k_block))
         empty = empty | (q_hi[:, None] < k_lo[None, :]) | (k_hi[None, :] < q_lo[:, None])
         one_segment = (q_lo == q_hi)[:, None] & (k_lo == k_hi)[None, :]
         full = full & one_segment & (q_lo[:, None] == k_lo[None, :])
     if mask is not None:
-        anywhere, everywhere = _mask_blocks(mask, tiling.q_block, tiling.k_block, empty.shape)
+        anywhere, everywhere = _mask_blocks(mask, rows, tiling.k_block, empty.shape)
         empty, full = empty | ~anywhere, full & everywhere
     if k_padded:  # only the last key block holds padding
         full = full & (jnp.arange(num_k) < num_k - 1)[None, :]
-    kind = jnp.where(empty, 2, jnp.where(full, 0, 1))
+    # [nq * groups, nk] -> [nq, groups, nk]: the pair is empty (full) when every group is.
+    empty = empty.reshape(num_q, groups, num_k)
+    full = full.reshape(num_q, groups, num_k)
+    kind = jnp.where(empty.all(axis=1), 3, jnp.where(full.all(axis=1), 0, 1))
+    num_half = half_start = None
+    if groups == 2:
+        half = (kind == 1) & (empty[:, 0] != empty[:, 1])
+        kind = jnp.where(half, 2, kind)
+        half_start = jnp.where(empty[:, 0], rows, 0).astype(jnp.int32)
     order = jnp.argsort(kind, axis=1, stable=True).astype(jnp.int32)
     count = lambda value: jnp.sum(kind == value, axis=1, dtype=jnp.int32)  # noqa: E731
-    return _Schedule(order, count(0), count(1))
+    if groups == 2:
+        num_half = count(2)
+    return _Schedule(order, count(0), count(1), num_half, half_start)
+
+
+def _rows(x, axis: int, start, size: int):
+    """Rows `start:start + size` along `axis` of every leaf of `x` (leaves of size 1
+    along it, broadcast over the rows, and None pass through)."""
+
+    def one(leaf):
+        if leaf is None or leaf.shape[axis] == 1:
+            return leaf
+        return lax.dynamic_slice_in_dim(leaf, start, size, axis)
+
+    return jax.tree.map(one, x)
+
+
+def _add_rows(total, part, axis: int, start):
+    """`total` with `part` added to its rows `start:` along `axis` (every leaf)."""
+
+    def one(x, y):
+        rows = lax.dynamic_slice_in_dim(x, start, y.shape[axis], axis)
+        return lax.dynamic_update_slice_in_dim(x, rows + y.astype(x.dtype), start, axis)
+
+    return jax.tree.map(one, total, part)
 
 
 def _loop_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, schedule):
-    """`carry = step(carry, block, j, full)` over the non-empty key blocks `j` of one
-    query block: first the full ones (`block` then carries no segment ids, mask or
-    padding flags, and `full` is True: the logits need no mask), then the partial ones.
+    """`carry = step(carry, block, j, full, start)` over the non-empty key blocks `j` of
+    one query block: first the full ones (`block` then carries no segment ids, mask or
+    padding flags, and `full` is True: the logits need no mask), then the partial ones,
+    then the half pairs (`block` holds `tiling.half_rows` query rows from row `start`;
+    `start` is None for whole blocks).
 
     `schedule` is this query block's row of the `_Schedule`, or None (every pair full).
     The loops run exactly as many steps as there are such blocks: no step is spent on
@@ -327,7 +377,7 @@ def _loop_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, sch
     mask_i = _slice_mask(mask, 2, index, tiling.q_block)
     num_k = k_inputs[0].shape[0]
 
-    def visit(carry, j, full):
+    def visit(carry, j, full, start=None):
         k_j, v_j, k_pos_j, k_seg_j, k_extra_j, valid_j = jax.tree.map(lambda x: x[j], k_inputs)
         if full:
             block = Block(q_i, k_j, v_j, q_pos_i, k_pos_j, None, None, None, None,
@@ -337,14 +387,28 @@ def _loop_key_blocks(tiling: _Tiling, step, carry, q_inputs, k_inputs, mask, sch
                 q_i, k_j, v_j, q_pos_i, k_pos_j, q_seg_i, k_seg_j,
                 _slice_mask(mask_i, 3, j, tiling.k_block), valid_j, q_extra_i, k_extra_j,
             )  # fmt: skip
-        return step(carry, block, j, full)
+        if start is not None:
+            rows = functools.partial(_rows, start=start, size=tiling.half_rows)
+            block = block._replace(
+                q=rows(block.q, 2), q_pos=rows(block.q_pos, 1), q_seg=rows(block.q_seg, 1),
+                mask=rows(block.mask, 2), q_extra=rows(block.q_extra, 2),
+            )  # fmt: skip
+        return step(carry, block, j, full, start)
 
     if schedule is None:
         return lax.fori_loop(0, num_k, lambda j, c: visit(c, j, True), carry)
-    order, num_full, num_partial = schedule
+    order, num_full, num_partial, num_half, half_start = schedule
     carry = lax.fori_loop(0, num_full, lambda t, c: visit(c, order[t], True), carry)
     end = num_full + num_partial
-    return lax.fori_loop(num_full, end, lambda t, c: visit(c, order[t], False), carry)
+    carry = lax.fori_loop(num_full, end, lambda t, c: visit(c, order[t], False), carry)
+    if num_half is None:
+        return carry
+
+    def visit_half(t, carry):
+        j = order[t]
+        return visit(carry, j, False, half_start[j])
+
+    return lax.fori_loop(end, end + num_half, visit_half, carry)
 
 
 def _full_terms(terms: Terms, full: bool) -> Terms:
@@ -364,9 +428,16 @@ def _blockwise_forward(
         q, k, v, content_bias, q_extra, k_extra, q_pos, k_pos, q_seg, k_seg, mask, consts
     )
 
-    def step(state, block, j, full):
+    half_terms = _bind_terms(tiling, content_bias, consts, half=True)
+
+    def step(state, block, j, full, start):
         del j
-        return accumulate(state, block, _full_terms(terms, full))
+        if start is None:
+            return accumulate(state, block, _full_terms(terms, full))
+        part = accumulate(_rows(state, 2, start, tiling.half_rows), block, half_terms)
+        return jax.tree.map(
+            lambda x, y: lax.dynamic_update_slice_in_dim(x, y, start, 2), state, part
+        )
 
     def one_query_block(inputs):
         q_inputs, schedule_i = inputs
@@ -459,34 +530,44 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
         d_out_i = _token_block(tiling, d_out, q_inputs[0])  # [B, H, bq, Dv]
         d_out_dot_out_i = _token_block(tiling, d_out_dot_out, q_inputs[0])[..., 0]
 
-        def step(grads, block, j, full):
+        def step(grads, block, j, full, start):
             dq_i, d_q_extra_i, dk, dv, d_k_extra, d_content_bias, d_consts = grads
+            half = start is not None
+            rows = functools.partial(_rows, start=start, size=tiling.half_rows)
+            q_side = (log_normalizer_i, d_out_i, d_out_dot_out_i)
+            lse, d_out_ij, d_out_dot_out_ij = rows(q_side, 2) if half else q_side
 
             def logits_of(q_i, k_j, q_extra_i, k_extra_j, content_bias, live_consts):
                 consts = all_consts(live_consts)
-                terms = _bind_terms(tiling, content_bias, consts, values_transposed=True)
+                terms = _bind_terms(tiling, content_bias, consts, True, half)
                 replaced = block._replace(q=q_i, k=k_j, q_extra=q_extra_i, k_extra=k_extra_j)
                 return masked_logits(replaced, _full_terms(terms, full))
 
             def values_of(weights, v_j, live_consts):
                 consts = all_consts(live_consts)
-                terms = _bind_terms(tiling, content_bias, consts, values_transposed=True)
+                terms = _bind_terms(tiling, content_bias, consts, True, half)
                 return weighted_values(weights, block._replace(v=v_j), terms)
 
             primals = (block.q, block.k, block.q_extra, block.k_extra, content_bias, live_consts)
             logits, logits_vjp = jax.vjp(logits_of, *primals)
-            weights = jnp.exp(logits - log_normalizer_i[..., None])
+            weights = jnp.exp(logits - lse[..., None])
             _, values_vjp = jax.vjp(values_of, weights, block.v, live_consts)
-            d_weights, dv_j, d_consts_values = values_vjp(d_out_i)
-            d_logits = weights * (d_weights - d_out_dot_out_i[..., None])
+            d_weights, dv_j, d_consts_values = values_vjp(d_out_ij)
+            d_logits = weights * (d_weights - d_out_dot_out_ij[..., None])
             dq_ij, dk_j, d_q_extra_ij, d_k_extra_j, d_content_bias_j, d_consts_logits = logits_vjp(
                 d_logits
             )
             # Key-side gradients go straight into their block of the full-length sums.
             add_at_j = lambda total, x: total.at[j].add(x.astype(_F32))  # noqa: E731
+            if half:
+                dq_i = _add_rows(dq_i, dq_ij, 2, start)
+                d_q_extra_i = _add_rows(d_q_extra_i, d_q_extra_ij, 2, start)
+            else:
+                dq_i = dq_i + dq_ij.astype(_F32)
+                d_q_extra_i = _add_float32(d_q_extra_i, d_q_extra_ij)
             return (
-                dq_i + dq_ij.astype(_F32),
-                _add_float32(d_q_extra_i, d_q_extra_ij),
+                dq_i,
+                d_q_extra_i,
                 add_at_j(dk, dk_j),
                 add_at_j(dv, dv_j),
                 jax.tree.map(add_at_j, d_k_extra, d_k_extra_j),
@@ -561,33 +642,48 @@ def blockwise(
     )
 
     relative = terms.relative_terms or RelativeTerms()
-    q_pos_block = jnp.zeros((q_pos.shape[0], q_block), jnp.int32)
-    k_pos_block = jnp.zeros((k_pos.shape[0], k_block), jnp.int32)
-    functions, consts = zip(
-        _hoist(terms.bias_fn, q_pos_block, k_pos_block),
-        _hoist(
-            relative.query_bias_fn,
-            jnp.zeros((batch, q_block, heads, dim), q.dtype),  # the protocol's [B, bq, H, D]
-            q_pos_block,
-            k_pos_block,
-        ),
-        _hoist(
-            relative.value_fn,
-            jnp.zeros((batch, heads, q_block, k_block), _F32),
-            q_pos_block,
-            k_pos_block,
-        ),
-        _hoist(
-            terms.token_bias_fn,
-            _block_example(q_extra.token_values, q_block),
-            _block_example(k_extra.token_values, k_block),
-        ),
-        _hoist(terms.alternate_select, q_pos_block, k_pos_block),
-        strict=True,
+
+    def hoisted(rows: int):
+        """The five positional functions hoisted for blocks of `rows` query rows, and
+        their constants."""
+        q_pos_block = jnp.zeros((q_pos.shape[0], rows), jnp.int32)
+        k_pos_block = jnp.zeros((k_pos.shape[0], k_block), jnp.int32)
+        return zip(
+            _hoist(terms.bias_fn, q_pos_block, k_pos_block),
+            _hoist(
+                relative.query_bias_fn,
+                jnp.zeros((batch, rows, heads, dim), q.dtype),  # the protocol's [B, bq, H, D]
+                q_pos_block,
+                k_pos_block,
+            ),
+            _hoist(
+                relative.value_fn,
+                jnp.zeros((batch, heads, rows, k_block), _F32),
+                q_pos_block,
+                k_pos_block,
+            ),
+            _hoist(
+                terms.token_bias_fn,
+                _block_example(q_extra.token_values, rows),
+                _block_example(k_extra.token_values, k_block),
+            ),
+            _hoist(terms.alternate_select, q_pos_block, k_pos_block),
+            strict=True,
+        )
+
+    functions, consts = hoisted(q_block)
+    # Half-row visits pay where a query block spans two key blocks or more: causal
+    # blocks on the diagonal then leave half the rows of a pair empty (`_Schedule`).
+    # Without a schedule (no causal mask, segments, mask or padded keys) none exist.
+    scheduled = terms.causal or q_seg is not None or mask is not None or k_pad != k_len
+    spans = q_block % 2 == 0 and q_block >= 2 * k_block
+    half_rows = q_block // 2 if scheduled and spans else 0
+    half_functions, half_consts = hoisted(half_rows) if half_rows else ((None,) * 5, ((),) * 5)
+    tiling = _Tiling(
+        terms.scale, terms.causal, q_block, k_block, k_len, *functions, half_rows, half_functions
     )
-    tiling = _Tiling(terms.scale, terms.causal, q_block, k_block, k_len, *functions)
     out = _blockwise_attention(
         tiling, q, k, v, relative.content_bias, q_extra, k_extra, q_pos, k_pos,
-        q_seg, k_seg, mask, consts,
+        q_seg, k_seg, mask, (consts, half_consts),
     )  # fmt: skip
     return out[:, :q_len]
