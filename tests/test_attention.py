@@ -397,6 +397,55 @@ def test_causal_blockwise_visits_only_the_live_half_of_a_query_block():
     assert sorted(calls) == sorted(whole + halves)
 
 
+def test_blockwise_visits_the_upper_half_when_the_lower_one_sees_nothing():
+    # Two documents, tokens 0..11 and 12..31, no causal mask, blocks (8, 4): query block
+    # 1 holds rows of both, so each key block is visited with the four rows of its own
+    # document only, the upper half (rows 8..11) for keys 0..11 and the lower half
+    # (12..15) for keys 12..31. The result matches the xla path.
+    calls = []
+
+    def counting_bias(q_pos, k_pos):
+        jax.debug.callback(
+            lambda q0, k0, rows=q_pos.shape[1]: calls.append((int(q0), int(k0), rows)),
+            q_pos[0, 0],
+            k_pos[0, 0],
+        )
+        distance = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).astype(jnp.float32)
+        return -0.1 * jnp.abs(distance)
+
+    q, k, v = _qkv(1, 32, 32, 2, 2, 4)
+    positions = np.arange(32, dtype=np.int32)
+    segments = np.array([[0] * 12 + [1] * 20], np.int32)
+
+    weights = np.cos(np.arange(q.size)).reshape(q.shape)
+
+    def run(q, k, v, implementation):
+        out = pe.dot_product_attention(
+            q, k, v, bias_fn=counting_bias, segment_ids=segments, q_positions=positions,
+            k_positions=positions, implementation=implementation, block_size=(8, 4),
+        )  # fmt: skip
+        return jnp.sum(out * weights), out
+
+    def grads_and_out(implementation):
+        grad = jax.grad(functools.partial(run, implementation=implementation), (0, 1, 2), True)
+        grads, out = jax.block_until_ready(jax.jit(grad)(q, k, v))
+        return out, grads
+
+    xla = grads_and_out("xla")
+    calls.clear()
+    blockwise = jax.block_until_ready(jax.jit(lambda: run(q, k, v, "blockwise")[1])())
+    first, second = range(3), range(3, 8)
+    expected = (
+        [(0, 4 * j, 8) for j in first]
+        + [(8, 4 * j, 4) for j in first]
+        + [(12, 4 * j, 4) for j in second]
+        + [(start, 4 * j, 8) for start in (16, 24) for j in second]
+    )
+    assert sorted(calls) == sorted(expected)
+    _assert_same(xla, grads_and_out("blockwise"))  # the backward pass visits them alike
+    np.testing.assert_allclose(blockwise, xla[0], atol=2e-5)
+
+
 def test_fully_masked_rows_give_zeros_and_finite_gradients_in_both_implementations():
     q, k, v = _qkv(1, 12, 12, 2, 2, 4)
     mask = np.ones((1, 1, 12, 12), bool)
