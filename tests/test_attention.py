@@ -359,23 +359,31 @@ def test_causal_blockwise_skips_blocks_above_the_diagonal():
     assert len(calls) == 8
 
 
-def test_causal_blockwise_visits_only_the_live_half_of_a_query_block():
-    # Query blocks of 8 over key blocks of 4: in key block 2i + 1 (keys 8i + 4 ..) the
-    # upper four queries of block i (8i .. 8i + 3) see nothing, so the pair is visited
-    # with the lower four rows only: 8i + 4 .. 8i + 7.
-    calls = []
+def _recording(calls: list, bias_fn=None):
+    """A bias_fn that appends (first query position, first key position, query rows) of
+    each block it is evaluated on to `calls`; its bias is `bias_fn`'s, or zeros."""
 
-    def counting_bias(q_pos, k_pos):
+    def recording(q_pos, k_pos):
         jax.debug.callback(
             lambda q0, k0, rows=q_pos.shape[1]: calls.append((int(q0), int(k0), rows)),
             q_pos[0, 0],
             k_pos[0, 0],
         )
-        return jnp.zeros((1, 1, q_pos.shape[1], k_pos.shape[1]))
+        if bias_fn is None:
+            return jnp.zeros((1, 1, q_pos.shape[1], k_pos.shape[1]))
+        return bias_fn(q_pos, k_pos)
 
+    return recording
+
+
+def test_causal_blockwise_visits_only_the_live_half_of_a_query_block():
+    # Query blocks of 8 over key blocks of 4: in key block 2i + 1 (keys 8i + 4 ..) the
+    # upper four queries of block i (8i .. 8i + 3) see nothing, so the pair is visited
+    # with the lower four rows only: 8i + 4 .. 8i + 7.
+    calls = []
     q, k, v = _qkv(1, 32, 32, 2, 2, 4)
     run = functools.partial(
-        pe.dot_product_attention, bias_fn=counting_bias, implementation="blockwise",
+        pe.dot_product_attention, bias_fn=_recording(calls), implementation="blockwise",
         block_size=(8, 4),
     )  # fmt: skip
     whole = [(8 * i, 4 * j, 8) for i in range(4) for j in range(2 * i + 1)]
@@ -404,15 +412,11 @@ def test_blockwise_visits_the_upper_half_when_the_lower_one_sees_nothing():
     # (12..15) for keys 12..31. The result matches the xla path.
     calls = []
 
-    def counting_bias(q_pos, k_pos):
-        jax.debug.callback(
-            lambda q0, k0, rows=q_pos.shape[1]: calls.append((int(q0), int(k0), rows)),
-            q_pos[0, 0],
-            k_pos[0, 0],
-        )
+    def distance_bias(q_pos, k_pos):
         distance = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).astype(jnp.float32)
         return -0.1 * jnp.abs(distance)
 
+    counting_bias = _recording(calls, distance_bias)
     q, k, v = _qkv(1, 32, 32, 2, 2, 4)
     positions = np.arange(32, dtype=np.int32)
     segments = np.array([[0] * 12 + [1] * 20], np.int32)

@@ -66,8 +66,11 @@ IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas")
 # run on (float32, batch 1, 8 heads, causal, no bias, head_dim 64 and 128, L 1k-8k,
 # forward and forward+backward; `python -m benchmarks.block_sizes` repeats the sweep):
 # (512, 256) was the fastest or within noise of it up to 4k keys, for both head sizes;
-# (512, 512) is 3-8% faster at 8k. Head size and dtype did not change the choice.
-CPU_BLOCK_TABLE = ((4096, (512, 256)), (None, (512, 512)))
+# beyond, (1024, 512), whose query blocks span two key blocks (half-row visits on the
+# diagonal, see `_blockwise._Schedule`), against (512, 512): head_dim 64 forward 0.89-0.91x
+# and forward+backward 0.95x at 8k and 16k, head_dim 128 0.96-1.01x (within noise), for
+# 5-18 MiB more temporaries. Dtype did not change the choice.
+CPU_BLOCK_TABLE = ((4096, (512, 256)), (None, (1024, 512)))
 # GPU/TPU, until the Pallas kernel picks its own: 512 x 512 amortises the per-iteration
 # cost of the loops; halved along the keys for head_dim > 128 to bound the working set.
 # A documented rule, not measured here (no accelerator was lent).
