@@ -76,6 +76,33 @@ def test_linen_float_and_boolean_masks_agree_and_decoding_equals_the_full_pass(e
     np.testing.assert_allclose(decoded, full, atol=2e-6)
 
 
+@pytest.mark.parametrize("encoding", ["alibi", "t5"])
+def test_linen_blockwise_with_flax_masks_and_half_row_visits_equals_xla(encoding):
+    # Flax's causal mask combined with a padding mask (the second sequence has 5 tokens),
+    # through blockwise query blocks of 4 over key blocks of 2: the schedule comes from
+    # the mask array and visits the live half of diagonal pairs. Output and parameter
+    # gradients equal the xla path.
+    valid = np.arange(LENGTH)[None, :] < np.array([[LENGTH], [5]])
+    mask = nn.combine_masks(_FLOAT_MASK, nn.make_attention_mask(valid, valid))
+    layers = {
+        name: _linen_layer(encoding, implementation=name, **extra)
+        for name, extra in (("xla", {}), ("blockwise", {"block_size": (4, 2)}))
+    }
+    params = _perturbed(jax.jit(layers["xla"].init)(jax.random.key(0), _X, mask=mask)["params"])
+
+    def run(name):
+        def loss(params):
+            out = layers[name].apply({"params": params}, _X, mask=mask)
+            return jnp.sum(out * jnp.cos(jnp.arange(out.size)).reshape(out.shape)), out
+
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    (grads_xla, out_xla), (grads_blockwise, out_blockwise) = run("xla"), run("blockwise")
+    np.testing.assert_allclose(out_blockwise, out_xla, atol=2e-6)
+    for got, want in zip(jax.tree.leaves(grads_blockwise), jax.tree.leaves(grads_xla), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("encoding", ["rope", "xpos", "alibi"])
 def test_linen_decoding_far_from_zero_matches_the_full_pass_at_those_positions(encoding):
     # Keys at positions 10^9 .. 10^9 + L - 1: the query's position is read from the mask
