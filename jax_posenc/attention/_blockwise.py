@@ -246,10 +246,10 @@ def _key_blocks(tiling: _Tiling, x: jax.Array, transposed: bool) -> jax.Array:
     return jnp.transpose(blocks, (0, 1, 3, 4, 2) if transposed else (0, 1, 3, 2, 4))
 
 
-def _from_key_blocks(blocks: jax.Array, transposed: bool) -> jax.Array:
-    """Inverse of `_key_blocks`: `[B, Lk, Hkv, D]`."""
-    tokens = jnp.transpose(blocks, (0, 1, 4, 2, 3) if transposed else (0, 1, 3, 2, 4))
-    return _merge_blocks(tokens, 1)
+def _from_key_blocks(blocks: jax.Array) -> jax.Array:
+    """Inverse of `_key_blocks(..., transposed=True)` (the layout of the backward pass's
+    dk/dv sums): `[nk, B, Hkv, D, bk] -> [B, Lk, Hkv, D]`."""
+    return _merge_blocks(jnp.transpose(blocks, (0, 1, 4, 2, 3)), 1)
 
 
 class _Schedule(NamedTuple):
@@ -591,7 +591,7 @@ def _blockwise_attention_bwd(tiling, residuals, d_out):
         one_query_block, initial, inputs
     )
     dq = _merge_blocks(dq, 1)
-    dk, dv = _from_key_blocks(dk, True), _from_key_blocks(dv, True)
+    dk, dv = _from_key_blocks(dk), _from_key_blocks(dv)
     d_q_extra, d_k_extra = jax.tree.map(lambda x: _merge_blocks(x, 2), (d_q_extra, d_k_extra))
     merged = (dq, dk, dv, d_q_extra, d_k_extra)
     q_grad, k_grad, v_grad, q_extra_grad, k_extra_grad, bias_grad = jax.tree.map(
